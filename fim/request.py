@@ -1,0 +1,56 @@
+"""The fill-in-the-middle request: what the denoiser is asked to fill.
+
+This is the one type shared by `fim/`, `denoiser/` and `lsp_server/`. It holds
+text only (no tokens, no tensors); the denoiser backend decides how to turn it
+into token ids for its model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+SpanMode = Literal["line", "block"]
+
+
+@dataclass(frozen=True)
+class SpanPlan:
+    """How much the model may write at the cursor.
+
+    mode "line": the rest of the current line (the cursor sits after code on a
+    line); "block": one or more lines (the cursor is on an empty or
+    whitespace-only line, or right after a line that opens a block).
+    """
+
+    mode: SpanMode
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class Snippet:
+    """A region of another open document that looks like the cursor region."""
+
+    path: str
+    text: str
+
+
+@dataclass(frozen=True)
+class FimRequest:
+    """Everything the model sees, plus what post-processing needs.
+
+    The model's context is, in this order of meaning: `preamble` (file header
+    comment and snippets), `prefix` (text before the cursor inside the window),
+    then the span to fill, then `suffix` (text after the cursor inside the
+    window). Backends lay these out in their own token order.
+    """
+
+    preamble: str
+    prefix: str
+    suffix: str
+    span: SpanPlan
+    language: str = "plaintext"
+    path: str = ""
+    snippets: tuple[Snippet, ...] = field(default=())
+
+    def context_key(self) -> tuple[str, str, str, str, int]:
+        """Identity of the model's input: two requests with equal keys get the same fill."""
+        return (self.preamble, self.prefix, self.suffix, self.span.mode, self.span.max_tokens)
