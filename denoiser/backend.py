@@ -1,0 +1,66 @@
+"""What every model family provides to the engine: fill one FIM request.
+
+A backend owns its model, tokenizer and per-document context caches. It does
+not cache completions, time requests or talk to the editor (the engine does).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from fim.request import FimRequest
+
+
+class Cancelled(Exception):
+    """The request was superseded or cancelled; its work stopped between steps."""
+
+
+class ModelLoadError(Exception):
+    """A model directory cannot be used; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How the span is denoised.
+
+    steps: most denoising steps per span (0 = as many as the span needs);
+    confidence_threshold: commit every masked position whose top probability
+    passes it (at least one per step).
+    """
+
+    steps: int = 0
+    confidence_threshold: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError("steps must be >= 0 (0 means: as many as the span needs)")
+        if not 0.0 < self.confidence_threshold <= 1.0:
+            raise ValueError("confidence_threshold must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class FillResult:
+    text: str
+    tokens: int
+    steps: int
+    context_tokens: int
+    reused_context_tokens: int
+
+
+class Backend(Protocol):
+    name: str
+    device: torch.device
+    parameters: int
+
+    def fill(
+        self,
+        request: FimRequest,
+        decode: DecodeSettings,
+        *,
+        document: str,
+        is_cancelled: Callable[[], bool],
+    ) -> FillResult: ...
+
+    def forget(self, document: str) -> None: ...
