@@ -1,0 +1,302 @@
+"""`parafill train`: the default model's training loop (MDLM + next-token loss).
+
+Each example is a FIM cut of a real file. The span loss is MDLM: mask each
+span position with probability t ~ U(0, 1), cross-entropy on masked positions
+weighted 1/t. The causal part of the sequence holds the context followed by
+the middle and <eos>, so the same pass also trains next-token prediction
+(the autoregressive baseline) at little extra cost; span queries never see
+that causal copy of the middle (see `model.training_mask`).
+
+Training runs in stretches (`--minutes`), saving a safetensors checkpoint
+(weights, optimizer moments, step, data position) that the next stretch
+resumes from, since a GPU machine can go away at any time.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from denoiser.checkpoint import load_native_model, save_native_model
+from denoiser.config import MASK_ID, PAD_ID, ModelConfig
+from denoiser.examples import TokenExample, split_text, tokenize_splits
+from denoiser.model import SpanDenoiser, training_mask
+from denoiser.tokenizer import CodeTokenizer
+
+SPAN_CHOICES = (16, 32, 32, 64)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    context_tokens: int = 256
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup_steps: int = 200
+    total_steps: int = 20000
+    weight_decay: float = 0.1
+    ar_weight: float = 0.5
+    ar_positions: int = 64
+    seed: int = 0
+
+
+def read_corpus(path: Path) -> list[tuple[str, str, str]]:
+    """(path, language, text) records of a corpus split (jsonl or jsonl.gz)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        return [(r["path"], r.get("language", "python"), r["text"]) for r in map(json.loads, handle)]
+
+
+class ExampleStream:
+    """Endless deterministic stream of tokenized examples from a corpus."""
+
+    def __init__(self, files, tokenizer: CodeTokenizer, settings: TrainSettings, seed: int):
+        self.files, self.tokenizer, self.settings = files, tokenizer, settings
+        self.rng = random.Random(seed)
+
+    def batch(self, size: int, span: int) -> list[TokenExample]:
+        out: list[TokenExample] = []
+        while len(out) < size:
+            splits = []
+            while len(splits) < size - len(out):
+                path, language, text = self.files[self.rng.randrange(len(self.files))]
+                split = split_text(text, path, language, self.rng)
+                if split is not None:
+                    splits.append(split)
+            out.extend(tokenize_splits(self.tokenizer, splits, self.settings.context_tokens, span - 1))
+        return out[:size]
+
+
+def collate(examples: list[TokenExample], span: int, rng: torch.Generator, device):
+    """Tensors for one batch: ids, positions, mask, and the targets of both losses."""
+    b = len(examples)
+    causal_lens = [len(e.context) + len(e.middle) for e in examples]
+    region = max(causal_lens)
+    ids = torch.full((b, region + span), PAD_ID, dtype=torch.long)
+    positions = torch.zeros((b, region + span), dtype=torch.long)
+    span_target = torch.full((b, span), PAD_ID, dtype=torch.long)
+    for i, e in enumerate(examples):
+        seq = e.context + e.middle
+        ids[i, : len(seq)] = torch.tensor(seq)
+        positions[i, :region] = torch.arange(region)
+        positions[i, region:] = torch.arange(len(e.context), len(e.context) + span)
+        span_target[i, : len(e.middle)] = torch.tensor(e.middle)
+    # MDLM noise: one t per example, each span position masked with probability t.
+    t = torch.rand(b, 1, generator=rng).clamp(min=0.02)
+    masked = torch.rand(b, span, generator=rng) < t
+    masked[torch.arange(b), torch.randint(0, span, (b,), generator=rng)] = True
+    ids[:, region:] = torch.where(masked, MASK_ID, span_target)
+    ctx_len = torch.tensor([len(e.context) for e in examples])
+    causal_len = torch.tensor(causal_lens)
+    mask = training_mask(causal_len, ctx_len, region, span)
+    return {
+        "ids": ids.to(device), "positions": positions.to(device), "mask": mask.to(device),
+        "span_target": span_target.to(device), "masked": masked.to(device), "t": t.to(device),
+        "causal_len": causal_len.to(device), "ctx_len": ctx_len.to(device), "region": region,
+    }
+
+
+def losses(model: SpanDenoiser, batch: dict, settings: TrainSettings, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden = model.forward_hidden(batch["ids"], batch["positions"], batch["mask"])
+    region = batch["region"]
+    span_logits = model.logits(hidden[:, region:]).float()
+    ce = F.cross_entropy(span_logits.transpose(1, 2), batch["span_target"], reduction="none")
+    mdlm = (ce * batch["masked"] / batch["t"]).sum() / batch["masked"].numel()
+    # Next-token loss on a sample of causal positions: all middle positions plus
+    # random context positions (the full LM head over every position costs too much).
+    b = hidden.shape[0]
+    n = settings.ar_positions
+    ctx_len, causal_len = batch["ctx_len"], batch["causal_len"]
+    pick_ctx = (torch.rand(b, n, generator=rng).to(hidden.device) * (causal_len - 1).unsqueeze(1)).long()
+    longest_middle = int((causal_len - ctx_len).max())
+    pick_middle = (ctx_len - 1).unsqueeze(1) + torch.arange(longest_middle, device=hidden.device).unsqueeze(0)
+    pick = torch.cat([pick_ctx, pick_middle], 1)
+    valid = pick < (causal_len - 1).unsqueeze(1)
+    pick = pick.clamp(max=region - 2)
+    h = torch.gather(hidden, 1, pick.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    target = torch.gather(batch["ids"], 1, pick + 1)
+    ar_ce = F.cross_entropy(model.logits(h).float().transpose(1, 2), target, reduction="none")
+    ar = (ar_ce * valid).sum() / valid.sum().clamp(min=1)
+    return mdlm, ar
+
+
+def lr_at(step: int, s: TrainSettings) -> float:
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    progress = min(1.0, (step - s.warmup_steps) / max(1, s.total_steps - s.warmup_steps))
+    return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, tokens: int, stream_state) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+    moments = {}
+    names = {p: n for n, p in model.named_parameters()}
+    for p, st in optimizer.state.items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            moments[f"{names[p]}::{key}"] = st[key].detach().cpu().contiguous()
+    save_file(moments, str(path / "optimizer.safetensors"))
+    (path / "state.json").write_text(json.dumps({"step": step, "tokens": tokens, "config": model.config.to_json(), "rng": stream_state}))
+
+
+def load_checkpoint(path: Path, model, optimizer) -> tuple[int, int, object]:
+    state = json.loads((path / "state.json").read_text())
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    moments = load_file(str(path / "optimizer.safetensors"))
+    step = state["step"]
+    for name, p in model.named_parameters():
+        if f"{name}::exp_avg" in moments:
+            optimizer.state[p] = {
+                "step": torch.tensor(float(step)),
+                "exp_avg": moments[f"{name}::exp_avg"].to(p.device),
+                "exp_avg_sq": moments[f"{name}::exp_avg_sq"].to(p.device),
+            }
+    return step, state["tokens"], state["rng"]
+
+
+@torch.no_grad()
+def validate(model, batches, settings, device) -> dict:
+    model.eval()
+    rng = torch.Generator().manual_seed(1234)
+    totals = {"mdlm": 0.0, "ar": 0.0}
+    for examples, span in batches:
+        batch = collate(examples, span, rng, device)
+        with autocast(device):
+            mdlm, ar = losses(model, batch, settings, rng)
+        totals["mdlm"] += mdlm.item() / len(batches)
+        totals["ar"] += ar.item() / len(batches)
+    model.train()
+    return totals
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def run(args) -> None:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    settings = TrainSettings(
+        context_tokens=args.context_tokens, batch_size=args.batch_size, lr=args.lr,
+        total_steps=args.total_steps, warmup_steps=args.warmup_steps, seed=args.seed,
+    )
+    tokenizer = CodeTokenizer.load(Path(args.tokenizer))
+    corpus = Path(args.corpus)
+    train_files = read_corpus(corpus / "train.jsonl.gz")
+    valid_files = read_corpus(corpus / "valid.jsonl.gz")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = ModelConfig(
+        vocab_size=tokenizer.vocab_size, d_model=args.d_model, n_layers=args.n_layers,
+        n_heads=args.n_heads, d_ff=args.d_ff, max_positions=args.max_positions,
+    )
+    model = SpanDenoiser(config)
+    model.init_weights(torch.Generator().manual_seed(settings.seed))
+    model.to(device).train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr, betas=(0.9, 0.95), fused=device.type == "cuda",
+    )
+    step, tokens, stream_seed = 0, 0, settings.seed
+    ckpt = out / "checkpoint"
+    if (ckpt / "state.json").exists():
+        step, tokens, stream_seed = load_checkpoint(ckpt, model, optimizer)
+        print(f"resumed from {ckpt} at step {step} ({tokens / 1e6:.1f}M tokens)", file=sys.stderr)
+    elif args.init:
+        init_model, _, init_config = load_native_model(Path(args.init), device)
+        if init_config != config:
+            raise SystemExit(f"--init {args.init}: its config differs from the requested shape")
+        model.load_state_dict(init_model.state_dict())
+    stream = ExampleStream(train_files, tokenizer, settings, seed=hash((stream_seed, step)) & 0xFFFFFFFF)
+    valid_stream = ExampleStream(valid_files, tokenizer, settings, seed=999)
+    valid_batches = [(valid_stream.batch(settings.batch_size, span), span) for span in (16, 32, 64) for _ in range(2)]
+    noise = torch.Generator().manual_seed(step + 17)
+    log = open(out / "log.jsonl", "a", encoding="utf-8")
+    start = time.monotonic()
+    deadline = start + args.minutes * 60
+    span_rng = random.Random(step)
+    last_print = 0.0
+    while step < settings.total_steps and time.monotonic() < deadline:
+        span = span_rng.choice(SPAN_CHOICES)
+        examples = stream.batch(settings.batch_size, span)
+        batch = collate(examples, span, noise, device)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, settings)
+        with autocast(device):
+            mdlm, ar = losses(model, batch, settings, noise)
+            loss = mdlm + settings.ar_weight * ar
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        tokens += int(batch["causal_len"].sum()) + len(examples) * span
+        record = {"step": step, "tokens": tokens, "mdlm": round(mdlm.item(), 4), "ar": round(ar.item(), 4), "lr": lr_at(step, settings)}
+        if step % args.valid_every == 0:
+            record["valid"] = validate(model, valid_batches, settings, device)
+        if step % args.log_every == 0 or "valid" in record:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        now = time.monotonic()
+        if now - last_print > 2 or "valid" in record:
+            rate = tokens / max(1e-9, now - start) if step else 0
+            bar = "#" * int(30 * step / settings.total_steps)
+            print(f"\r[{bar:<30}] step {step}/{settings.total_steps} mdlm {mdlm.item():.3f} ar {ar.item():.3f} "
+                  f"{(now - start) / 60:.1f} min" + (f" valid {record['valid']}" if "valid" in record else ""),
+                  end="\n" if "valid" in record else "", file=sys.stderr, flush=True)
+            last_print = now
+        if step % args.save_every == 0:
+            save_checkpoint(ckpt, model, optimizer, step, tokens, settings.seed)
+    save_checkpoint(ckpt, model, optimizer, step, tokens, settings.seed)
+    print(f"\nsaved {ckpt} at step {step} ({tokens / 1e6:.1f}M tokens)", file=sys.stderr)
+    if args.export:
+        card = Path(args.card).read_text(encoding="utf-8") if args.card else "# parafill model\n"
+        save_native_model(model.float().cpu(), Path(args.tokenizer), Path(args.export), int8=args.int8, card=card)
+        print(f"exported {args.export}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="parafill train", description=__doc__.split("\n")[0])
+    p.add_argument("--corpus", default="data/corpus", help="folder with train.jsonl.gz and valid.jsonl.gz")
+    p.add_argument("--tokenizer", default=str(Path(__file__).parent / "default_model" / "tokenizer.json"))
+    p.add_argument("--out", default="runs/default", help="run folder: checkpoint/ and log.jsonl")
+    p.add_argument("--init", help="start from the weights of this model directory")
+    p.add_argument("--export", help="write a model directory here at the end")
+    p.add_argument("--card", help="MODEL_CARD.md to put in the exported directory")
+    p.add_argument("--int8", action="store_true", help="export int8 weights with per-channel scales")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--minutes", type=float, default=9.0, help="stop (and save) after this long")
+    p.add_argument("--total-steps", type=int, default=20000)
+    p.add_argument("--warmup-steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--context-tokens", type=int, default=256)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--n-layers", type=int, default=6)
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--d-ff", type=int, default=768)
+    p.add_argument("--max-positions", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--valid-every", type=int, default=250)
+    p.add_argument("--save-every", type=int, default=250)
+    run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
