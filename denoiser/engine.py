@@ -1,0 +1,259 @@
+"""The engine between the server and a backend: caches, serialisation, stats, faults.
+
+Answers come from the fastest source that is exact (DESIGN.md, "Caches"):
+1. typed-ahead: the user typed the start of the last suggestion → its remainder;
+2. the completion cache (LRU + TTL) keyed by what the model would see;
+3. the backend, whose own context K/V cache makes a keystroke cheap.
+One lock serialises backend use, so `complete` is safe from any thread (the
+server calls it from one worker thread, never on the event loop). A CUDA
+fault is retried down a list of fallbacks and counted. This module knows no
+tokens, tensors of the model or LSP.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Callable, Literal
+
+import torch
+from cachetools import LRUCache, TTLCache
+
+from denoiser.backend import Backend, Cancelled, DecodeSettings, FillResult
+from fim.request import FimRequest
+
+Source = Literal["model", "completion_cache", "typed_ahead"]
+Fill = Callable[[Backend, FimRequest], FillResult]
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    source: Source
+    tokens: int
+    steps: int
+    context_tokens: int
+    reused_context_tokens: int
+    elapsed_ms: float
+
+
+@dataclass(frozen=True)
+class _Suggestion:
+    """The last answer for a document, for typed-ahead."""
+
+    request: FimRequest
+    text: str
+
+
+def typed_ahead_remainder(last: _Suggestion, request: FimRequest) -> str | None:
+    """The rest of the last suggestion if the user has typed its start since, else None."""
+    before = last.request
+    if request.suffix != before.suffix or request.preamble != before.preamble:
+        return None
+    if not request.prefix.startswith(before.prefix):
+        return None
+    typed = request.prefix[len(before.prefix):]
+    if not typed or not last.text.startswith(typed):
+        return None
+    return last.text[len(typed):]
+
+
+def is_device_fault(exc: BaseException) -> bool:
+    """Out of GPU memory, or another CUDA runtime failure worth a fallback."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and ("CUDA" in str(exc) or "cuda" in str(exc))
+
+
+def percentiles(values, points=(50, 90, 99)) -> dict[str, float | None]:
+    ordered = sorted(values)
+    if not ordered:
+        return {f"p{p}": None for p in points}
+    # Nearest rank: an observed value, never an interpolation.
+    return {f"p{p}": round(ordered[min(len(ordered) - 1, max(0, -(-p * len(ordered) // 100) - 1))], 3) for p in points}
+
+
+class Engine:
+    def __init__(self, backend: Backend, cache_size: int = 256, cache_ttl_s: float = 600, latency_window: int = 1000):
+        self.backend = backend
+        self._backend_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._completions: TTLCache = TTLCache(maxsize=cache_size, ttl=cache_ttl_s)
+        self._last: LRUCache[str, _Suggestion] = LRUCache(maxsize=max(16, cache_size))
+        self._latency_ms: deque[float] = deque(maxlen=latency_window)
+        self._model_latency_ms: deque[float] = deque(maxlen=latency_window)
+        self._counts = dict(requests=0, model=0, completion_cache=0, typed_ahead=0, cancelled=0, errors=0, fallbacks=0)
+        self._context_tokens = 0
+        self._reused_context_tokens = 0
+        self.last_error: str | None = None
+        # Tried in order when the backend hits a device fault; each returns a new
+        # way to fill or None if it does not apply. Add more handlers here.
+        self.fallbacks: list[Callable[[BaseException, FimRequest], Fill | None]] = [
+            self._fallback_smaller_span,
+            self._fallback_cpu,
+        ]
+
+    @classmethod
+    def load(cls, model=None, device: str = "auto", progress=None, **options) -> "Engine":
+        from denoiser.loading import load_backend
+
+        return cls(load_backend(model, device, progress), **options)
+
+    # --- answering ------------------------------------------------------------
+    def complete(
+        self,
+        request: FimRequest,
+        decode: DecodeSettings = DecodeSettings(),
+        *,
+        document: str = "",
+        is_cancelled: Callable[[], bool] = lambda: False,
+    ) -> Completion:
+        started = time.perf_counter()
+        with self._state_lock:
+            self._counts["requests"] += 1
+            last = self._last.get(document)
+            remainder = typed_ahead_remainder(last, request) if last else None
+            key = (request.context_key(), decode.steps, decode.confidence_threshold)
+            cached: FillResult | None = self._completions.get(key) if remainder is None else None
+        if remainder is not None:
+            return self._answer(document, request, remainder, "typed_ahead", None, started)
+        if cached is not None:
+            return self._answer(document, request, cached.text, "completion_cache", cached, started)
+        if is_cancelled():
+            self._count("cancelled")
+            raise Cancelled("cancelled before the model ran")
+        result = self._fill(request, decode, document, is_cancelled)
+        with self._state_lock:
+            self._completions[key] = result
+            self._context_tokens += result.context_tokens
+            self._reused_context_tokens += result.reused_context_tokens
+        return self._answer(document, request, result.text, "model", result, started)
+
+    def _answer(self, document, request, text, source: Source, result: FillResult | None, started) -> Completion:
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        with self._state_lock:
+            self._counts[source] += 1
+            self._latency_ms.append(elapsed_ms)
+            if source == "model":
+                self._model_latency_ms.append(elapsed_ms)
+            self._last[document] = _Suggestion(request, text)
+        return Completion(
+            text=text,
+            source=source,
+            tokens=result.tokens if result else 0,
+            steps=result.steps if result else 0,
+            context_tokens=result.context_tokens if result else 0,
+            reused_context_tokens=result.reused_context_tokens if result else 0,
+            elapsed_ms=elapsed_ms,
+        )
+
+    def _fill(self, request: FimRequest, decode: DecodeSettings, document: str, is_cancelled) -> FillResult:
+        def fill(backend: Backend, req: FimRequest) -> FillResult:
+            return backend.fill(req, decode, document=document, is_cancelled=is_cancelled)
+
+        with self._backend_lock:
+            try:
+                return fill(self.backend, request)
+            except Cancelled:
+                self._count("cancelled")
+                raise
+            except Exception as exc:
+                if not is_device_fault(exc):
+                    self._record_error(exc)
+                    raise
+                return self._recover(exc, request, fill)
+
+    def _recover(self, exc: BaseException, request: FimRequest, fill: Callable) -> FillResult:
+        """Called with the backend lock held, after a device fault."""
+        self._record_error(exc)
+        for handler in self.fallbacks:
+            retry = handler(exc, request)
+            if retry is None:
+                continue
+            self._count("fallbacks")
+            try:
+                return retry(fill)
+            except Cancelled:
+                self._count("cancelled")
+                raise
+            except Exception as again:
+                if not is_device_fault(again):
+                    self._record_error(again)
+                    raise
+                exc = again
+                self._record_error(again)
+        raise exc
+
+    def _fallback_smaller_span(self, exc: BaseException, request: FimRequest):
+        """Free cached GPU memory and retry with half the span."""
+        if request.span.max_tokens <= 16:
+            return None
+        self._release_device_memory()
+        smaller = replace(request, span=replace(request.span, max_tokens=request.span.max_tokens // 2))
+        return lambda fill: fill(self.backend, smaller)
+
+    def _fallback_cpu(self, exc: BaseException, request: FimRequest):
+        """Move the model to the CPU for good: slower, but the editor keeps getting answers."""
+        moved_to = getattr(self.backend, "moved_to", None)
+        if moved_to is None or getattr(self.backend.device, "type", "cpu") == "cpu":
+            return None
+        self._release_device_memory()
+
+        def retry(fill):
+            self.backend = moved_to("cpu")
+            return fill(self.backend, request)
+
+        return retry
+
+    def _release_device_memory(self) -> None:
+        clear = getattr(getattr(self.backend, "context_cache", None), "clear", None)
+        if clear:
+            clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # --- bookkeeping ------------------------------------------------------------
+    def _count(self, name: str) -> None:
+        with self._state_lock:
+            self._counts[name] += 1
+
+    def _record_error(self, exc: BaseException) -> None:
+        with self._state_lock:
+            self._counts["errors"] += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+
+    def forget(self, document: str) -> None:
+        """The document closed: drop its typed-ahead state and its context K/V."""
+        with self._state_lock:
+            self._last.pop(document, None)
+        with self._backend_lock:
+            self.backend.forget(document)
+
+    def status(self) -> dict:
+        with self._state_lock:
+            counts = dict(self._counts)
+            answered = counts["model"] + counts["completion_cache"] + counts["typed_ahead"]
+            context = self._context_tokens
+
+            def rate(n: int, of: int) -> float:
+                return round(n / of, 4) if of else 0.0
+
+            return {
+                "model": self.backend.name,
+                "device": str(self.backend.device),
+                "parameters": self.backend.parameters,
+                "requests": counts["requests"],
+                "answered": {k: counts[k] for k in ("model", "completion_cache", "typed_ahead")},
+                "latency_ms": percentiles(self._latency_ms),
+                "model_latency_ms": percentiles(self._model_latency_ms),
+                "hit_rates": {
+                    "typed_ahead": rate(counts["typed_ahead"], answered),
+                    "completion_cache": rate(counts["completion_cache"], answered),
+                    "context_kv_reuse": rate(self._reused_context_tokens, context),
+                },
+                "cancelled": counts["cancelled"],
+                "errors": counts["errors"],
+                "fallbacks": counts["fallbacks"],
+                "last_error": self.last_error,
+            }

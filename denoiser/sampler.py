@@ -1,0 +1,100 @@
+"""Confidence-threshold parallel unmasking of one span (Fast-dLLM style), deterministic.
+
+Each step runs the model over the span only (against cached context K/V),
+takes the greedy token and its probability at every position, and commits
+every still-masked position whose probability passes the threshold, and at
+least the most confident one. The span ends at the first <eos> (or <pad>)
+once everything before it is committed. No randomness: ties go to the lowest
+position. This module does not tokenize, cache or touch the context.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from denoiser.backend import Cancelled, DecodeSettings
+from denoiser.config import EOS_ID, FIM_MIDDLE_ID, FIM_PREFIX_ID, FIM_SUFFIX_ID, MASK_ID, PAD_ID
+from denoiser.model import KVBuffers
+
+# Tokens a span may never hold: the mask itself and the prompt's structure markers.
+NEVER_WRITTEN = (MASK_ID, FIM_PREFIX_ID, FIM_SUFFIX_ID, FIM_MIDDLE_ID)
+END_TOKENS = (EOS_ID, PAD_ID)
+
+
+@dataclass(frozen=True)
+class SpanResult:
+    """tokens: the middle (before the first end token); ended: an end token was written."""
+
+    tokens: tuple[int, ...]
+    steps: int
+    ended: bool
+
+
+def commit_count(remaining: int, steps_used: int, max_steps: int) -> int:
+    """Fewest positions this step must commit so the span finishes within max_steps (0 = no cap)."""
+    if max_steps <= 0:
+        return 1
+    steps_left = max(1, max_steps - steps_used)
+    return max(1, math.ceil(remaining / steps_left))
+
+
+def choose_commits(confidence: torch.Tensor, masked: torch.Tensor, threshold: float, at_least: int) -> torch.Tensor:
+    """Positions to commit: masked ones with confidence >= threshold, plus the `at_least` most confident.
+
+    confidence, masked: [L]. Ties go to the lowest index (stable sort).
+    """
+    scores = torch.where(masked, confidence, torch.full_like(confidence, -1.0))
+    commit = masked & (confidence >= threshold)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    top = order[: min(at_least, int(masked.sum()))]
+    commit[top] = True
+    return commit
+
+
+def finished_at(span: torch.Tensor, masked: torch.Tensor) -> int | None:
+    """Index of the first committed end token with every position before it committed, else None."""
+    is_end = ~masked & ((span == EOS_ID) | (span == PAD_ID))
+    ends = torch.nonzero(is_end).flatten()
+    if ends.numel() == 0:
+        return None
+    first = int(ends[0])
+    return first if not bool(masked[:first].any()) else None
+
+
+@torch.no_grad()
+def denoise_span(
+    model,
+    kv: KVBuffers,
+    ctx_len: int,
+    span_len: int,
+    decode: DecodeSettings,
+    is_cancelled: Callable[[], bool] = lambda: False,
+    *,
+    vocab_limit: int | None = None,
+) -> SpanResult:
+    """Fill span_len masks after ctx_len cached context tokens (batch 1)."""
+    device = kv.k.device
+    span = torch.full((1, span_len), MASK_ID, dtype=torch.long, device=device)
+    masked = torch.ones(span_len, dtype=torch.bool, device=device)
+    steps = 0
+    while True:
+        if is_cancelled():
+            raise Cancelled("span denoising cancelled")
+        logits = model.span_logits(span, kv, ctx_len)[0].float()
+        logits[:, list(NEVER_WRITTEN)] = float("-inf")
+        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+            logits[:, vocab_limit:] = float("-inf")
+        confidence, tokens = torch.softmax(logits, dim=-1).max(dim=-1)
+        at_least = commit_count(int(masked.sum()), steps, decode.steps)
+        commit = choose_commits(confidence, masked, decode.confidence_threshold, at_least)
+        span[0, commit] = tokens[commit]
+        masked &= ~commit
+        steps += 1
+        end = finished_at(span[0], masked)
+        if end is not None:
+            return SpanResult(tuple(span[0, :end].tolist()), steps, True)
+        if not bool(masked.any()):
+            return SpanResult(tuple(span[0].tolist()), steps, False)
