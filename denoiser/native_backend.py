@@ -17,7 +17,7 @@ import torch
 
 from denoiser.backend import DecodeSettings, FillResult
 from denoiser.checkpoint import load_native_model
-from denoiser.config import FIM_MIDDLE_ID, FIM_PREFIX_ID, FIM_SUFFIX_ID
+from denoiser.examples import context_ids
 from denoiser.kv_cache import ContextKVCache
 from denoiser.sampler import denoise_span
 from fim.request import FimRequest
@@ -39,22 +39,19 @@ def native_context_ids(tokenizer, request: FimRequest, max_context_tokens: int) 
     """`<fim_suffix> suffix <fim_prefix> preamble prefix <fim_middle>` as token ids.
 
     Each piece is encoded on its own and the ids concatenated, never the joined
-    text, so the cursor is always a token boundary (training does the same).
-    Over budget, the prefix side keeps its END (the text at the cursor) and the
-    suffix its START; the suffix gets at most a quarter of the budget unless the
-    prefix side leaves more room unused.
+    text, so the cursor is always a token boundary. The budget is shared out by
+    `denoiser.examples.context_ids`, the very function that lays out training
+    examples: the suffix keeps its START (at most a quarter), the preamble its
+    start, the prefix its END (the text at the cursor).
     """
-    budget = max_context_tokens - 3
-    if budget < 1:
+    if max_context_tokens < 4:
         raise ValueError(f"max_context_tokens {max_context_tokens} leaves no room for text")
-    suffix = tokenizer.encode(request.suffix)
-    before = tokenizer.encode(request.preamble) + tokenizer.encode(request.prefix)
-    if len(suffix) + len(before) > budget:
-        suffix_keep = min(len(suffix), max(budget // 4, budget - len(before)))
-        suffix = suffix[:suffix_keep]
-        before_keep = budget - suffix_keep
-        before = before[len(before) - before_keep:] if before_keep > 0 else []
-    return [FIM_SUFFIX_ID, *suffix, FIM_PREFIX_ID, *before, FIM_MIDDLE_ID]
+    return context_ids(
+        tokenizer.encode(request.preamble),
+        tokenizer.encode(request.prefix),
+        tokenizer.encode(request.suffix),
+        max_context_tokens,
+    )
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -93,6 +90,7 @@ class NativeBackend:
         dtype: torch.dtype | None = None,
         max_documents: int = 8,
         max_total_span_tokens: int = MAX_TOTAL_SPAN_TOKENS,
+        max_context_tokens: int | None = None,
         progress: Callable[[str, int], None] | None = None,
     ):
         self.model_dir = Path(model_dir)
@@ -108,7 +106,8 @@ class NativeBackend:
         self.parameters = sum(p.numel() for p in self.model.parameters())
         self.max_total_span_tokens = max_total_span_tokens
         # Context and the longest span (grown once) must both fit the model's positions.
-        self.max_context_tokens = self.config.max_positions - max_total_span_tokens
+        room = self.config.max_positions - max_total_span_tokens
+        self.max_context_tokens = min(max_context_tokens or room, room)
         self.context_cache = ContextKVCache(self.model, max_documents=max_documents, device=self.device, dtype=self.dtype)
 
     def moved_to(self, device: str | torch.device) -> "NativeBackend":
@@ -118,6 +117,7 @@ class NativeBackend:
             device,
             max_documents=self.context_cache.max_documents,
             max_total_span_tokens=self.max_total_span_tokens,
+            max_context_tokens=self.max_context_tokens,
         )
 
     def context_ids(self, request: FimRequest) -> list[int]:
