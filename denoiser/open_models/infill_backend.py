@@ -1,0 +1,84 @@
+"""`OpenModelBackend`: an open diffusion LLM behind the engine's `Backend` protocol.
+
+Turns a `FimRequest` into the family's documented infilling layout
+(Dream family: `<bos> prefix <mask>*n suffix <eos>`; LLaDA: `<bos> prefix
+<mask>*n suffix`; Open-dCoder: `prefix <mask>*n suffix`), trims the context
+to the model's window, runs `SpanDecoder` and decodes the span to text.
+
+Bidirectional models have no exact context cache across keystrokes (every
+context key depends on the span and the suffix), so nothing is kept per
+document; `reused_context_tokens` is 0 and `forget` has nothing to drop.
+Completion caching and timing belong to the engine, not here.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from denoiser.backend import DecodeSettings, FillResult
+from denoiser.open_models.families import FamilySpec
+from denoiser.open_models.hf_tokenizer import OpenModelTokenizer
+from denoiser.open_models.network import BidirectionalTransformer
+from denoiser.open_models.span_decoder import SpanDecoder, SpanDecodeSettings
+from fim.request import FimRequest
+
+
+class OpenModelBackend:
+    def __init__(self, model: BidirectionalTransformer, tokenizer: OpenModelTokenizer, spec: FamilySpec, *,
+                 name: str, cache_mode: str = "dual", refresh_every: int = 4,
+                 initial_span: int = 32, max_context_tokens: int = 2048) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.name = name
+        self.device: torch.device = model.device
+        self.parameters: int = model.parameters()
+        self.cache_mode = cache_mode
+        self.refresh_every = refresh_every
+        self.initial_span = initial_span
+        self.max_context_tokens = min(max_context_tokens, spec.shape.max_positions)
+        special = tokenizer.special
+        never = {t for t in (special.bos,) if t is not None}
+        self.decoder = SpanDecoder(model, mask_id=special.mask, stop_ids=special.stops,
+                                   shift_logits=spec.shift_logits, never_emit=frozenset(never))
+
+    def layout(self, request: FimRequest, span_tokens: int) -> tuple[list[int], list[int]]:
+        """(head, tail) token ids around the span, trimmed so the whole prompt fits the window."""
+        special = self.tokenizer.special
+        before = self.tokenizer.encode(request.preamble + request.prefix)
+        after = self.tokenizer.encode(request.suffix)
+        lead = [special.bos] if self.spec.bos_before_prefix and special.bos is not None else []
+        trail = [special.eos] if self.spec.eos_after_suffix and special.eos is not None else []
+        budget = self.max_context_tokens - span_tokens - len(lead) - len(trail)
+        if budget < 0:
+            raise ValueError(f"span of {span_tokens} tokens does not fit the model's {self.max_context_tokens}-token window")
+        # Keep the text nearest the cursor: drop the prefix's start and the suffix's end, suffix first
+        # down to a quarter of the budget (the prefix usually says more about the middle).
+        if len(before) + len(after) > budget:
+            keep_after = min(len(after), max(budget // 4, budget - len(before)))
+            after = after[:keep_after]
+            before = before[len(before) - (budget - len(after)):] if budget - len(after) > 0 else []
+        return lead + before, after + trail
+
+    def fill(self, request: FimRequest, decode: DecodeSettings, *, document: str,
+             is_cancelled: Callable[[], bool]) -> FillResult:
+        maximum = max(1, min(request.span.max_tokens, self.max_context_tokens // 2))
+        settings = SpanDecodeSettings(
+            initial=min(self.initial_span, maximum), maximum=maximum, grow_by=min(self.initial_span, maximum),
+            threshold=decode.confidence_threshold, steps=decode.steps,
+            cache_mode=self.cache_mode, refresh_every=self.refresh_every,
+        )
+        head, tail = self.layout(request, maximum)
+        result = self.decoder.decode(head, tail, settings, is_cancelled)
+        return FillResult(
+            text=self.tokenizer.decode(result.tokens),
+            tokens=len(result.tokens),
+            steps=result.steps,
+            context_tokens=len(head) + len(tail),
+            reused_context_tokens=0,
+        )
+
+    def forget(self, document: str) -> None:
+        # Nothing is kept per document (see the module docstring).
+        return None

@@ -1,0 +1,136 @@
+"""Denoise one masked span inside a bidirectional model's prompt.
+
+The prompt is `head + [mask]*L + tail` (head = prefix side, tail = suffix
+side). Each step the model predicts every masked position; every position
+whose top probability passes the threshold is committed (at least one, more
+when a step budget demands it) — Fast-dLLM's parallel unmasking, greedy and
+deterministic.
+
+Cache modes:
+- "none": every step is an exact full forward pass.
+- "dual": Fast-dLLM's dual cache. A full pass records the keys/values of every
+  position; the next `refresh_every - 1` steps recompute only the span (plus,
+  for shifted families, the token just before it, whose output predicts the
+  span's first token) against the cached prefix/suffix keys/values, which are
+  therefore stale by at most `refresh_every - 1` steps of span changes.
+
+Variable length: an editor never knows the true middle length. The span starts
+at `initial` tokens; when it is fully decoded without an end token and may
+still grow, `grow_by` fresh masks are appended (before the suffix) and decoding
+continues. The result is cut at the first end token (eos / pad / end-of-text).
+
+This module knows nothing of text or tokenizers beyond token ids.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from denoiser.backend import Cancelled
+from denoiser.open_models.network import BidirectionalTransformer, KVStore
+
+CACHE_MODES = ("dual", "none")
+
+
+@dataclass(frozen=True)
+class SpanDecodeSettings:
+    initial: int
+    maximum: int
+    grow_by: int
+    threshold: float
+    steps: int = 0  # 0 = as many as the span needs; else the most steps per span block
+    cache_mode: str = "dual"
+    refresh_every: int = 4
+
+    def __post_init__(self) -> None:
+        if self.cache_mode not in CACHE_MODES:
+            raise ValueError(f"cache_mode must be one of {CACHE_MODES}, not {self.cache_mode!r}")
+        if not 1 <= self.initial <= self.maximum or self.grow_by < 1 or self.refresh_every < 1:
+            raise ValueError("need 1 <= initial <= maximum, grow_by >= 1, refresh_every >= 1")
+
+
+@dataclass
+class SpanDecodeResult:
+    tokens: list[int]   # the span, cut before the first end token
+    steps: int          # forward passes
+    full_passes: int    # of which exact full passes
+
+
+class SpanDecoder:
+    def __init__(self, model: BidirectionalTransformer, *, mask_id: int, stop_ids: frozenset[int],
+                 shift_logits: bool, never_emit: frozenset[int] = frozenset()) -> None:
+        self.model = model
+        self.mask_id = mask_id
+        self.stop_ids = stop_ids
+        self.shift = 1 if shift_logits else 0
+        self._banned = torch.tensor(sorted({mask_id} | set(never_emit)), dtype=torch.long, device=model.device)
+
+    def _span_logits(self, seq: torch.Tensor, start: int, length: int, kv: KVStore | None, full: bool) -> torch.Tensor:
+        """Logits predicting tokens start..start+length-1 (fp32, banned ids at -inf)."""
+        # Shifted families predict token i from position i-1 (position 0 predicts itself).
+        rows = (torch.arange(start, start + length, device=seq.device) - self.shift).clamp(min=0)
+        if full:
+            logits = self.model.full(seq, rows=rows, kv=kv)
+        else:
+            lo = int(rows[0])
+            logits = self.model.window(seq[lo:start + length], lo, kv, rows=rows - lo)
+        logits[:, self._banned] = float("-inf")
+        return logits
+
+    def decode(self, head: list[int], tail: list[int], settings: SpanDecodeSettings,
+               is_cancelled: Callable[[], bool] = lambda: False) -> SpanDecodeResult:
+        device = self.model.device
+        start = len(head)
+        span: list[int] = [self.mask_id] * settings.initial
+        steps = full_passes = 0
+        while True:
+            seq = torch.tensor(head + span + tail, dtype=torch.long, device=device)
+            kv = KVStore() if settings.cache_mode == "dual" else None
+            since_refresh = None  # a grown span always starts with a full pass
+            block_steps = 0
+            while True:
+                masked = [i for i, t in enumerate(span) if t == self.mask_id]
+                if not masked or self._finished(span):
+                    break
+                if is_cancelled():
+                    raise Cancelled()
+                full = kv is None or since_refresh is None or since_refresh >= settings.refresh_every
+                logits = self._span_logits(seq, start, len(span), kv, full)
+                steps += 1
+                block_steps += 1
+                full_passes += int(full)
+                since_refresh = 1 if full else since_refresh + 1
+                probs = torch.softmax(logits[masked], dim=-1)
+                confidence, choice = probs.max(dim=-1)
+                order = torch.argsort(confidence, descending=True, stable=True).tolist()
+                at_least = 1
+                if settings.steps > 0:
+                    left = max(settings.steps - block_steps + 1, 1)
+                    at_least = math.ceil(len(masked) / left)
+                commit = [j for j in order if confidence[j] >= settings.threshold]
+                if len(commit) < at_least:
+                    commit = order[:at_least]
+                for j in commit:
+                    pos = masked[j]
+                    span[pos] = int(choice[j])
+                    seq[start + pos] = span[pos]
+            if self._has_stop(span) or len(span) >= settings.maximum:
+                break
+            span = span + [self.mask_id] * min(settings.grow_by, settings.maximum - len(span))
+        cut = next((i for i, t in enumerate(span) if t in self.stop_ids), len(span))
+        return SpanDecodeResult(tokens=[t for t in span[:cut] if t != self.mask_id], steps=steps, full_passes=full_passes)
+
+    def _has_stop(self, span: list[int]) -> bool:
+        return any(t in self.stop_ids for t in span)
+
+    def _finished(self, span: list[int]) -> bool:
+        # Once an end token is committed and everything before it is decoded, the rest is discarded anyway.
+        for t in span:
+            if t == self.mask_id:
+                return False
+            if t in self.stop_ids:
+                return True
+        return False
