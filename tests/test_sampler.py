@@ -1,0 +1,148 @@
+"""Confidence-threshold parallel unmasking: deterministic, >= 1 commit per step, bounded steps."""
+import pytest
+import torch
+
+from denoiser.backend import Cancelled, DecodeSettings
+from denoiser.config import EOS_ID, MASK_ID, ModelConfig
+from denoiser.model import KVBuffers, SpanDenoiser
+from denoiser.sampler import choose_commits, commit_count, denoise_span, finished_at
+
+CTX = 24
+
+
+class RecordingModel:
+    """The real model, with every span it is shown recorded (to check the step rules)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.config = model.config
+        self.spans: list[torch.Tensor] = []
+
+    def span_logits(self, span, kv, ctx_len):
+        self.spans.append(span.clone())
+        return self.model.span_logits(span, kv, ctx_len)
+
+
+def make_model(seed=0, favour=None, scale=1.0):
+    config = ModelConfig(vocab_size=80, d_model=64, n_layers=2, n_heads=4, d_ff=128, max_positions=256)
+    model = SpanDenoiser(config)
+    model.init_weights(torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(scale)
+        if favour is not None:
+            # Tied head: a huge embedding row makes that token the top logit almost everywhere.
+            model.embed.weight[favour] = model.final_norm(model.embed.weight.sum(0)) * 50
+    return model.eval()
+
+
+def context_kv(model, seed=1):
+    ids = torch.randint(6, 80, (1, CTX), generator=torch.Generator().manual_seed(seed))
+    kv = KVBuffers.allocate(model.config, 1, 64, "cpu", torch.float32)
+    model.prefill(ids, kv, 0)
+    return kv
+
+
+def committed_counts(spans):
+    return [int((s != MASK_ID).sum()) for s in spans]
+
+
+def test_deterministic():
+    model = make_model()
+    kv = context_kv(model)
+    decode = DecodeSettings(confidence_threshold=0.5)
+    first = denoise_span(model, kv, CTX, 32, decode)
+    second = denoise_span(model, context_kv(model), CTX, 32, decode)
+    assert first == second
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.9, 0.3, 0.01])
+@pytest.mark.parametrize("span_len", [16, 32])
+def test_commits_at_least_one_per_step_and_ends_within_span_steps(threshold, span_len):
+    model = RecordingModel(make_model(seed=span_len, scale=3.0))
+    result = denoise_span(model, context_kv(model.model), CTX, span_len, DecodeSettings(confidence_threshold=threshold))
+    assert 1 <= result.steps <= span_len
+    assert result.steps == len(model.spans)
+    counts = committed_counts(model.spans)
+    assert counts[0] == 0
+    assert all(b > a for a, b in zip(counts, counts[1:])), counts
+    # A committed position never changes afterwards.
+    for before, after in zip(model.spans, model.spans[1:]):
+        kept = before != MASK_ID
+        assert torch.equal(before[kept], after[kept])
+    assert MASK_ID not in result.tokens
+    assert len(result.tokens) <= span_len
+
+
+def test_threshold_one_commits_exactly_one_per_step():
+    model = RecordingModel(make_model(seed=3))
+    result = denoise_span(model, context_kv(model.model), CTX, 16, DecodeSettings(confidence_threshold=1.0))
+    assert committed_counts(model.spans) == list(range(result.steps))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 5])
+def test_steps_cap_is_respected_and_span_finishes(steps):
+    model = RecordingModel(make_model(seed=4))
+    result = denoise_span(model, context_kv(model.model), CTX, 32, DecodeSettings(steps=steps, confidence_threshold=1.0))
+    assert result.steps <= steps
+    # Finished: either an end token, or every position holds a real token.
+    assert result.ended or len(result.tokens) == 32
+
+
+def test_cancellation_between_steps():
+    model = RecordingModel(make_model(seed=5))
+    calls = {"n": 0}
+
+    def is_cancelled():
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    with pytest.raises(Cancelled):
+        denoise_span(model, context_kv(model.model), CTX, 16, DecodeSettings(confidence_threshold=1.0), is_cancelled)
+    assert len(model.spans) == 2
+
+
+def test_never_writes_the_mask_token():
+    model = make_model(favour=MASK_ID)
+    kv = context_kv(model)
+    assert model.span_logits(torch.full((1, 16), MASK_ID), kv, CTX)[0].argmax(-1).eq(MASK_ID).all()
+    result = denoise_span(model, kv, CTX, 16, DecodeSettings())
+    assert MASK_ID not in result.tokens
+
+
+def test_stops_at_eos_once_everything_before_it_is_committed():
+    model = RecordingModel(make_model(favour=EOS_ID))
+    result = denoise_span(model, context_kv(model.model), CTX, 16, DecodeSettings(confidence_threshold=0.9))
+    assert result.ended and result.tokens == () and result.steps == 1
+
+
+def test_vocab_limit_keeps_tokens_the_tokenizer_knows():
+    model = make_model(seed=6, scale=3.0)
+    result = denoise_span(model, context_kv(model), CTX, 32, DecodeSettings(), vocab_limit=20)
+    assert all(t < 20 for t in result.tokens)
+
+
+def test_choose_commits_threshold_ties_and_minimum():
+    conf = torch.tensor([0.5, 0.95, 0.5, 0.99, 0.2])
+    masked = torch.tensor([True, True, True, False, True])
+    assert choose_commits(conf, masked, 0.9, 1).tolist() == [False, True, False, False, False]
+    # Nothing passes: the most confident masked one, ties to the lowest index.
+    assert choose_commits(conf, masked, 0.999, 1).tolist() == [False, True, False, False, False]
+    assert choose_commits(conf, masked, 0.999, 2).tolist() == [True, True, False, False, False]
+    assert choose_commits(conf, masked, 0.999, 9).tolist() == [True, True, True, False, True]
+
+
+def test_commit_count_spreads_the_rest_over_the_steps_left():
+    assert commit_count(10, 0, 0) == 1
+    assert commit_count(10, 0, 3) == 4
+    assert commit_count(6, 1, 3) == 3
+    assert commit_count(5, 2, 3) == 5
+    assert commit_count(5, 7, 3) == 5  # past the cap: finish now
+
+
+def test_finished_at_needs_everything_before_the_end_committed():
+    span = torch.tensor([7, MASK_ID, EOS_ID, 9])
+    assert finished_at(span, span == MASK_ID) is None
+    span = torch.tensor([7, 8, EOS_ID, MASK_ID])
+    assert finished_at(span, span == MASK_ID) == 2
