@@ -1,0 +1,624 @@
+"""`parafill eval`: how good and how fast the model's completions are.
+
+Every completion goes through the path an editor's request takes: a document
+and an LSP cursor position → `fim.build_request` → `Engine.complete` →
+`fim.postprocess`. What is measured (docs/EVALUATION.md):
+
+- HumanEval-infilling pass@1 (single-line, multi-line, random-span): the task's
+  tests run on prefix + completion + suffix in a sandboxed subprocess
+  (`denoiser.humaneval`), with the cursor where an editor user would have it;
+- exact match and edit similarity, on those tasks and on rest-of-line cuts of
+  the corpus's held-out packages;
+- the same weights decoded autoregressively, as a baseline;
+- quality against denoising steps / confidence threshold, with tokens per step,
+  latency per completion (p50/p90) and tokens per second.
+
+Results go to a JSON file and a speed-versus-quality plot beside it. This module
+never runs generated code in its own process.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import platform
+import random
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from denoiser import humaneval
+from denoiser.humaneval import EditorPlacement
+from fim.positions import position_at
+
+TASK_SETS = ("single", "multi", "random", "random-light")
+DECODERS = ("diffusion", "autoregressive")
+_REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CORPUS = _REPO / "data" / "corpus" / "valid.jsonl.gz"
+
+
+# --- text metrics -------------------------------------------------------------------
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions of one character each)."""
+    if len(a) < len(b):
+        a, b = b, a
+    if not b:
+        return len(a)
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def edit_similarity(a: str, b: str) -> float:
+    """1 - Levenshtein(a, b) / max(len(a), len(b)); 1.0 for two empty strings."""
+    longest = max(len(a), len(b))
+    if longest == 0:
+        return 1.0
+    return 1.0 - levenshtein(a, b) / longest
+
+
+def normalise_for_match(text: str) -> str:
+    """Trailing whitespace of lines and of the text does not count against a completion."""
+    return "\n".join(line.rstrip() for line in text.split("\n")).rstrip()
+
+
+def exact_match(completion: str, expected: str) -> bool:
+    return normalise_for_match(completion) == normalise_for_match(expected)
+
+
+# --- held-out rest-of-line examples ---------------------------------------------------
+
+@dataclass(frozen=True)
+class HeldOutExample:
+    example_id: str
+    path: str
+    language: str
+    placement: EditorPlacement
+
+
+def rest_of_line_cut(text: str, rng: random.Random, min_rest: int = 2) -> tuple[int, int] | None:
+    """(cursor, end of line) for a random rest-of-line completion in `text`, or None.
+
+    The cursor sits after at least one typed non-blank character of a line, and
+    at least `min_rest` non-blank characters remain to be completed.
+    """
+    lines = text.split("\n")
+    starts, offset = [], 0
+    for line in lines:
+        starts.append(offset)
+        offset += len(line) + 1
+    candidates = [i for i, line in enumerate(lines) if len(line.strip()) >= min_rest + 1]
+    if not candidates:
+        return None
+    number = rng.choice(candidates)
+    line = lines[number]
+    first = len(line) - len(line.lstrip())
+    last_code = len(line.rstrip())
+    # cursor in [first + 1, last_code - min_rest]: something typed, something left
+    if last_code - min_rest < first + 1:
+        return None
+    column = rng.randint(first + 1, last_code - min_rest)
+    return starts[number] + column, starts[number] + len(line)
+
+
+def load_heldout(path: Path, count: int, seed: int) -> list[HeldOutExample]:
+    """`count` rest-of-line examples cut deterministically (by `seed`) from held-out files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: missing; build the corpus first (python -m denoiser.corpus) or pass --corpus FILE, "
+            "or --heldout 0 to skip the held-out metrics"
+        )
+    records = []
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            if record.get("text"):
+                records.append(record)
+    if not records:
+        raise ValueError(f"{path}: holds no records with text")
+    rng = random.Random(seed)
+    examples: list[HeldOutExample] = []
+    attempts = 0
+    while len(examples) < count and attempts < count * 20:
+        attempts += 1
+        record = rng.choice(records)
+        cut = rest_of_line_cut(record["text"], rng)
+        if cut is None:
+            continue
+        cursor, end = cut
+        text = record["text"]
+        document = text[:cursor] + text[end:]
+        line, character = position_at(document, cursor)
+        placement = EditorPlacement(
+            text=document, offset=cursor, line=line, character=character, expected=text[cursor:end]
+        )
+        examples.append(
+            HeldOutExample(
+                example_id=f"{record.get('package', '?')}/{record['path']}@{cursor}",
+                path=record["path"],
+                language=record.get("language", ""),
+                placement=placement,
+            )
+        )
+    return examples
+
+
+# --- one completion through the editor's path -------------------------------------------
+
+@dataclass(frozen=True)
+class Setting:
+    decoder: str  # "diffusion" | "autoregressive"
+    steps: int | None = None
+    confidence_threshold: float | None = None
+
+    @property
+    def label(self) -> str:
+        if self.decoder == "autoregressive":
+            return "autoregressive"
+        steps = "auto" if self.steps == 0 else str(self.steps)
+        return f"diffusion steps={steps} threshold={self.confidence_threshold:g}"
+
+
+@dataclass
+class Attempt:
+    """One completion and how it fared."""
+
+    item_id: str
+    completion: str
+    expected: str
+    latency_ms: float
+    tokens: int
+    steps: int
+    source: str
+    test: Future | None = None  # a humaneval.TestOutcome, for HumanEval tasks
+    extra: dict = field(default_factory=dict)
+
+
+class CompletionPath:
+    """build_request → Engine.complete → postprocess, as the server runs it."""
+
+    def __init__(self, engine, decode, options, *, postprocess: bool = True):
+        from fim.context import build_request
+        from fim.postprocess import postprocess as clean
+
+        self.engine = engine
+        self.decode = decode
+        self.options = options
+        self._build_request = build_request
+        self._postprocess = clean if postprocess else (lambda raw, request: raw)
+
+    def complete(self, placement: EditorPlacement, *, path: str, language_id: str, document: str):
+        started = time.perf_counter()
+        request = self._build_request(
+            placement.text,
+            placement.line,
+            placement.character,
+            path=path,
+            language_id=language_id,
+            options=self.options,
+        )
+        result = self.engine.complete(request, self.decode, document=document)
+        text = self._postprocess(result.text, request)
+        latency_ms = (time.perf_counter() - started) * 1000
+        self.engine.forget(document)  # each task is a fresh document; keep memory bounded
+        return (text or ""), result, latency_ms
+
+
+# --- summaries -----------------------------------------------------------------------
+
+def percentile(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile: an observed value."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[min(len(ordered), rank) - 1]
+
+
+def summarise(attempts: list[Attempt]) -> dict:
+    n = len(attempts)
+    model_runs = [a for a in attempts if a.source == "model"]
+    latencies = [a.latency_ms for a in model_runs]
+    tokens = sum(a.tokens for a in model_runs)
+    steps = sum(a.steps for a in model_runs)
+    seconds = sum(latencies) / 1000
+    summary = {
+        "count": n,
+        "exact_match": _mean(exact_match(a.completion, a.expected) for a in attempts),
+        "edit_similarity": _mean(edit_similarity(a.completion, a.expected) for a in attempts),
+        "empty_completions": sum(1 for a in attempts if not a.completion.strip()),
+        "latency_ms": {
+            "p50": _round(percentile(latencies, 50)),
+            "p90": _round(percentile(latencies, 90)),
+            "mean": _round(sum(latencies) / len(latencies)) if latencies else None,
+        },
+        "tokens_per_s": _round(tokens / seconds) if seconds > 0 else None,
+        "tokens_per_step": _round(tokens / steps) if steps else None,
+        "mean_tokens": _round(tokens / len(model_runs)) if model_runs else None,
+        "mean_steps": _round(steps / len(model_runs)) if model_runs else None,
+        "cached_answers": n - len(model_runs),
+    }
+    tested = [a for a in attempts if a.test is not None]
+    if tested:
+        outcomes = [a.test.result() for a in tested]
+        summary["pass@1"] = _mean(o.passed for o in outcomes)
+        summary["timeouts"] = sum(1 for o in outcomes if o.status == "timeout")
+    return summary
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def _round(value):
+    return None if value is None else round(value, 3)
+
+
+# --- the run ---------------------------------------------------------------------------
+
+def parse_list(text: str, kind=str) -> list:
+    return [kind(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="parafill eval",
+        description="HumanEval-infilling pass@1, held-out exact match / edit similarity, speed vs quality.",
+    )
+    parser.add_argument("--model", default=None, help="model directory (default: the embedded model)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
+    parser.add_argument("--tasks", default="single,multi,random",
+                        help=f"comma-separated HumanEval sets from {', '.join(TASK_SETS)}; '' for none")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="at most N tasks per set, evenly spaced through it (default: all)")
+    parser.add_argument("--heldout", type=int, default=500,
+                        help="rest-of-line examples from held-out corpus packages (0: skip)")
+    parser.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="held-out corpus file (valid.jsonl.gz)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out cuts")
+    parser.add_argument("--decoders", default="diffusion",
+                        help="comma-separated from diffusion, autoregressive (same weights, one token per pass)")
+    parser.add_argument("--steps", default="0",
+                        help="comma-separated denoising step limits (0: as many as the span needs)")
+    parser.add_argument("--thresholds", default="0.9", help="comma-separated confidence thresholds in (0, 1]")
+    parser.add_argument("--context-tokens", type=int, default=None, help="context window (default: the server's)")
+    parser.add_argument("--no-postprocess", action="store_true",
+                        help="score the model's raw fill (to measure what post-processing adds)")
+    parser.add_argument("--humaneval-dir", default=None, help="directory of the HumanEval-*Infilling.jsonl.gz files")
+    parser.add_argument("--test-timeout", type=float, default=10.0, help="seconds per task's tests (default 10)")
+    parser.add_argument("--test-memory-mb", type=int, default=2048, help="address-space limit of a test process")
+    parser.add_argument("--workers", type=int, default=2, help="test processes run in parallel (default 2)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed completions before each setting")
+    parser.add_argument("--out", default=None, help="write results JSON here (and a .png plot beside it)")
+    parser.add_argument("--samples", action="store_true", help="also write every completion to OUT.samples.jsonl.gz")
+    return parser
+
+
+def settings_from(args) -> list[Setting]:
+    decoders = parse_list(args.decoders)
+    for name in decoders:
+        if name not in DECODERS:
+            raise SystemExit(f"parafill eval: unknown decoder {name!r}; choose from {', '.join(DECODERS)}")
+    settings = []
+    for name in decoders:
+        if name == "autoregressive":
+            settings.append(Setting("autoregressive"))
+            continue
+        for steps in parse_list(args.steps, int):
+            for threshold in parse_list(args.thresholds, float):
+                settings.append(Setting("diffusion", steps, threshold))
+    if not settings:
+        raise SystemExit("parafill eval: no decoding settings (check --decoders, --steps, --thresholds)")
+    return settings
+
+
+def engine_for(setting: Setting, backend):
+    """A fresh engine per setting: its caches and stats belong to that setting alone."""
+    from denoiser.engine import Engine
+
+    if setting.decoder == "autoregressive":
+        from denoiser.autoregressive import AutoregressiveBackend
+
+        if not hasattr(backend, "context_ids") or not hasattr(backend, "model"):
+            raise SystemExit(
+                f"parafill eval: the autoregressive baseline needs a native parafill model; {backend.name} is not one"
+            )
+        return Engine(AutoregressiveBackend(backend))
+    return Engine(backend)
+
+
+def decode_settings(setting: Setting):
+    from denoiser.backend import DecodeSettings
+
+    if setting.decoder == "autoregressive":
+        return DecodeSettings()
+    return DecodeSettings(steps=setting.steps, confidence_threshold=setting.confidence_threshold)
+
+
+def evaluate_setting(setting, backend, options, suites, heldout, args, pool, log) -> tuple[dict, list[dict]]:
+    path = CompletionPath(engine_for(setting, backend), decode_settings(setting), options,
+                          postprocess=not args.no_postprocess)
+    warm = [(t.task_id, humaneval.task_placement(t), "python") for tasks in suites.values() for t in tasks[:1]]
+    warm += [(e.example_id, e.placement, e.language) for e in heldout[:1]]
+    for i in range(args.warmup):
+        if warm:
+            _, placement, language = warm[i % len(warm)]
+            path.complete(placement, path=f"warmup/{i}.py", language_id=language, document=f"warmup:{i}")
+
+    results: dict[str, dict] = {}
+    samples: list[dict] = []
+    for name, tasks in suites.items():
+        attempts = []
+        started = time.perf_counter()
+        for number, task in enumerate(tasks, 1):
+            placement = humaneval.task_placement(task)
+            text, result, latency = path.complete(
+                placement,
+                path=f"humaneval/{task.task_id.replace('/', '_')}.py",
+                language_id="python",
+                document=f"eval:{name}:{task.task_id}",
+            )
+            attempt = Attempt(task.task_id, text, placement.expected, latency, result.tokens, result.steps,
+                              result.source)
+            attempt.test = pool.submit(humaneval.run_tests, task, placement.program(text),
+                                       timeout_s=args.test_timeout, memory_mb=args.test_memory_mb)
+            attempts.append(attempt)
+            if number % 50 == 0 or number == len(tasks):
+                log(f"  {setting.label} | {name}: {number}/{len(tasks)} ({time.perf_counter() - started:.0f} s)")
+        results[name] = summarise(attempts)
+        samples += [_sample(setting, name, a) for a in attempts]
+    if heldout:
+        attempts = []
+        for example in heldout:
+            text, result, latency = path.complete(
+                example.placement, path=example.path, language_id=example.language,
+                document=f"eval:heldout:{example.example_id}",
+            )
+            attempts.append(Attempt(example.example_id, text, example.placement.expected, latency,
+                                    result.tokens, result.steps, result.source))
+        results["heldout"] = summarise(attempts)
+        samples += [_sample(setting, "heldout", a) for a in attempts]
+        log(f"  {setting.label} | heldout: {len(attempts)} done")
+    return results, samples
+
+
+def _sample(setting: Setting, suite: str, attempt: Attempt) -> dict:
+    record = {"setting": setting.label, "suite": suite, "id": attempt.item_id, "completion": attempt.completion,
+              "expected": attempt.expected, "latency_ms": round(attempt.latency_ms, 2), "tokens": attempt.tokens,
+              "steps": attempt.steps}
+    if attempt.test is not None:
+        outcome = attempt.test.result()
+        record.update(passed=outcome.passed, status=outcome.status)
+    return record
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO,
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def describe_device(backend) -> str:
+    device = getattr(backend, "device", None)
+    if device is not None and getattr(device, "type", "") == "cuda":
+        import torch
+
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    import os
+
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible)"
+
+
+def run(args, log=print) -> dict:
+    from denoiser.engine import Engine
+    from fim.context import ContextOptions
+
+    settings = settings_from(args)
+    suites = {}
+    for name in parse_list(args.tasks):
+        if name not in TASK_SETS:
+            raise SystemExit(f"parafill eval: unknown task set {name!r}; choose from {', '.join(TASK_SETS)}")
+        suites[name] = humaneval.spread(humaneval.load_tasks(name, args.humaneval_dir), args.limit)
+    heldout = load_heldout(Path(args.corpus), args.heldout, args.seed) if args.heldout > 0 else []
+    options = ContextOptions() if args.context_tokens is None else ContextOptions(context_tokens=args.context_tokens)
+
+    log(f"loading model {args.model or '(embedded default)'} on {args.device}")
+    backend = Engine.load(args.model, device=args.device).backend
+    report = {
+        "model": {
+            "name": backend.name,
+            "path": str(getattr(backend, "model_dir", args.model or "")),
+            "parameters": backend.parameters,
+        },
+        "device": describe_device(backend),
+        "command": "parafill eval " + " ".join(shlex.quote(a) for a in args.argv),
+        "git_commit": git_commit(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "options": {
+            "tasks": {name: len(tasks) for name, tasks in suites.items()},
+            "heldout": len(heldout),
+            "seed": args.seed,
+            "context_tokens": options.context_tokens,
+            "postprocess": not args.no_postprocess,
+            "test_timeout_s": args.test_timeout,
+            "editor_placement": "middle ending in a newline: cursor on an empty line (docs/EVALUATION.md)",
+        },
+        "settings": [],
+    }
+    all_samples: list[dict] = []
+    with ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
+        for setting in settings:
+            log(f"evaluating {setting.label}")
+            metrics, samples = evaluate_setting(setting, backend, options, suites, heldout, args, pool, log)
+            report["settings"].append({
+                "label": setting.label,
+                "decoder": setting.decoder,
+                "steps": setting.steps,
+                "confidence_threshold": setting.confidence_threshold,
+                "metrics": metrics,
+            })
+            all_samples += samples
+    report["_samples"] = all_samples
+    return report
+
+
+# --- output --------------------------------------------------------------------------
+
+def format_table(report: dict) -> str:
+    suites = []
+    for setting in report["settings"]:
+        for name in setting["metrics"]:
+            if name not in suites:
+                suites.append(name)
+    columns = ["setting"]
+    for name in suites:
+        columns.append(f"{name} {'EM' if name == 'heldout' else 'pass@1'}")
+    columns += ["ES", "p50 ms", "p90 ms", "tok/step", "tok/s"]
+    rows = []
+    for setting in report["settings"]:
+        metrics = setting["metrics"]
+        row = [setting["label"]]
+        for name in suites:
+            m = metrics.get(name, {})
+            value = m.get("exact_match") if name == "heldout" else m.get("pass@1")
+            row.append(_pct(value))
+        merged = _merge_speed(metrics.values())
+        row += [
+            _pct(_mean_of(m.get("edit_similarity") for m in metrics.values())),
+            _num(merged["p50"]), _num(merged["p90"]), _num(merged["tokens_per_step"], 2), _num(merged["tokens_per_s"], 0),
+        ]
+        rows.append(row)
+    widths = [max(len(str(r[i])) for r in [columns] + rows) for i in range(len(columns))]
+    lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in [columns] + rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _merge_speed(metric_list) -> dict:
+    """Speed over all suites of a setting: weighted by completions."""
+    metric_list = list(metric_list)
+    count = sum(m["count"] for m in metric_list) or 1
+    def weighted(key, sub=None):
+        values = [((m[key][sub] if sub else m[key]), m["count"]) for m in metric_list]
+        values = [(v, c) for v, c in values if v is not None]
+        total = sum(c for _, c in values)
+        return sum(v * c for v, c in values) / total if total else None
+    del count
+    return {"p50": weighted("latency_ms", "p50"), "p90": weighted("latency_ms", "p90"),
+            "tokens_per_step": weighted("tokens_per_step"), "tokens_per_s": weighted("tokens_per_s")}
+
+
+def _mean_of(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def write_plot(report: dict, path: Path) -> None:
+    """Quality against latency (left) and against tokens per step (right), one point per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    suites = []
+    for setting in report["settings"]:
+        for name in setting["metrics"]:
+            if name not in suites:
+                suites.append(name)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    markers = {"diffusion": "o", "autoregressive": "s"}
+    for name in suites:
+        xs_latency, xs_tps, ys, labels, kinds = [], [], [], [], []
+        for setting in report["settings"]:
+            m = setting["metrics"].get(name)
+            if not m:
+                continue
+            quality = m.get("exact_match") if name == "heldout" else m.get("pass@1")
+            if quality is None or m["latency_ms"]["p50"] is None:
+                continue
+            xs_latency.append(m["latency_ms"]["p50"])
+            xs_tps.append(m["tokens_per_step"] or 0.0)
+            ys.append(100 * quality)
+            labels.append(setting["label"].replace("diffusion ", ""))
+            kinds.append(setting["decoder"])
+        metric = "exact match" if name == "heldout" else "pass@1"
+        line, = left.plot(xs_latency, ys, linestyle=":", alpha=0.5)
+        for x, x2, y, label, kind in zip(xs_latency, xs_tps, ys, labels, kinds):
+            left.scatter([x], [y], color=line.get_color(), marker=markers[kind])
+            left.annotate(label, (x, y), fontsize=7, textcoords="offset points", xytext=(4, 3))
+            right.scatter([x2], [y], color=line.get_color(), marker=markers[kind])
+        right.plot(xs_tps, ys, linestyle=":", alpha=0.5, color=line.get_color(), label=f"{name} {metric}")
+    left.set_xlabel("latency per completion, p50 (ms)")
+    left.set_ylabel("quality (%)")
+    left.set_title("quality vs latency (o diffusion, □ autoregressive)")
+    right.set_xlabel("tokens per denoising step")
+    right.set_title("quality vs parallelism")
+    right.legend(fontsize=8)
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"{report['model']['name']} on {report['device']}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from denoiser.backend import ModelLoadError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        report = run(args, log)
+    except (FileNotFoundError, ValueError, ModelLoadError) as exc:
+        print(f"parafill eval: {exc}", file=sys.stderr)
+        return 2
+    samples = report.pop("_samples")
+    print(format_table(report))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_plot(report, out.with_suffix(".png"))
+        written = [str(out), str(out.with_suffix(".png"))]
+        if args.samples:
+            samples_path = out.with_suffix(".samples.jsonl.gz")
+            with gzip.open(samples_path, "wt", encoding="utf-8") as handle:
+                for sample in samples:
+                    handle.write(json.dumps(sample) + "\n")
+            written.append(str(samples_path))
+        print("wrote " + ", ".join(written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
