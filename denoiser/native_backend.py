@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from denoiser.backend import DecodeSettings, FillResult
+from denoiser.backend import DecodeSettings, FillResult, ModelLoadError
 from denoiser.checkpoint import load_native_model
 from denoiser.examples import context_ids
 from denoiser.kv_cache import ContextKVCache
@@ -60,8 +60,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        from denoiser.backend import ModelLoadError
-
         raise ModelLoadError(f"device {device!r}: no CUDA device is available; use --device cpu or auto")
     return resolved
 
