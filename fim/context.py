@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
 
 from fim.languages import CommentSyntax, comment_syntax, resolve_language
-from fim.positions import LineIndex, normalize_line_endings
+from fim.positions import normalize_line_endings, resolve_position
 from fim.request import FimRequest, Snippet, SpanPlan
 from fim.snippets import select_snippets
 
@@ -116,9 +116,7 @@ def build_request(
     if not text.isascii():
         text = _LONE_SURROGATE.sub("\ufffd", text)
 
-    index = LineIndex.of(text)
-    cursor_line = max(0, min(line, index.line_count - 1))
-    offset = index.offset_at(line, character)
+    cursor_line, offset = resolve_position(text, line, character)
     before = normalize_line_endings(text[:offset])
     after = normalize_line_endings(text[offset:])
 

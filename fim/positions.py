@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
+from itertools import islice
 from dataclasses import dataclass
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -125,11 +126,38 @@ class LineIndex:
         return line, index_to_utf16(self.text[start:end], min(offset, end) - start)
 
 
+def resolve_position(text: str, line: int, character: int) -> tuple[int, int]:
+    """(line, offset) of an LSP position: the line clamped into the document and the
+    offset clamped into that line (or the document's end for a line past it).
+
+    Cheaper than building a `LineIndex` for one conversion: only the lines up to
+    `line` are scanned.
+    """
+    if line <= 0 or not text:
+        start, reached = 0, 0
+    elif "\r" not in text:
+        parts = text.split("\n", line)
+        reached, start = len(parts) - 1, len(text) - len(parts[-1])
+    else:
+        reached, start = 0, 0
+        for match in islice(_LINE_BREAK.finditer(text), line):
+            reached, start = reached + 1, match.end()
+    if line > reached:
+        return reached, len(text)
+    brk = _LINE_BREAK.search(text, start)
+    end = brk.start() if brk else len(text)
+    return reached, start + utf16_to_index(text[start:end], character)
+
+
 def offset_at(text: str, line: int, character: int) -> int:
     """Offset in `text` of the LSP position (line, character), clamped."""
-    return LineIndex.of(text).offset_at(line, character)
+    return resolve_position(text, line, character)[1]
 
 
 def position_at(text: str, offset: int) -> tuple[int, int]:
     """LSP (line, character) of offset `offset` in `text`, clamped."""
-    return LineIndex.of(text).position_at(offset)
+    if "\r" in text:
+        return LineIndex.of(text).position_at(offset)
+    offset = max(0, min(offset, len(text)))
+    start = text.rfind("\n", 0, offset) + 1
+    return text.count("\n", 0, offset), utf16_length(text[start:offset])

@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import islice
 
 from fim.positions import normalize_line_endings
 from fim.request import Snippet
@@ -94,10 +95,21 @@ def select_snippets(
     wanted = identifiers(query)
     if not wanted:
         return ()
+    documents = tuple(islice(((str(p), str(t)) for p, t in documents), MAX_DOCUMENTS))
+    return _select(wanted, documents, max_snippets, window_lines, min_similarity)
+
+
+# Keystrokes on one line ask the same question again: answer from the cache.
+@lru_cache(maxsize=32)
+def _select(
+    wanted: frozenset[str],
+    documents: tuple[tuple[str, str], ...],
+    max_snippets: int,
+    window_lines: int,
+    min_similarity: float,
+) -> tuple[Snippet, ...]:
     scored: list[tuple[float, int, int, str, tuple[str, ...], _Window]] = []
     for doc_index, (path, text) in enumerate(documents):
-        if doc_index >= MAX_DOCUMENTS:
-            break
         if not text:
             continue
         lines, windows = _windows(text, window_lines)

@@ -84,6 +84,14 @@ class TestLineColumn:
             seen += 1
         assert seen > 60
 
+    @pytest.mark.parametrize("eol", ["\n", "\r\n", "\r"])
+    def test_every_position_round_trips_with_one_line_ending(self, eol):
+        text = normalize_line_endings(MIXED).replace("\n", eol)
+        index = LineIndex.of(text)
+        for line, character, offset in all_positions(text):
+            assert offset_at(text, line, character) == index.offset_at(line, character) == offset
+            assert position_at(text, offset) == index.position_at(offset) == (line, character)
+
     def test_agrees_with_pygls_document(self):
         # pygls's TextDocument is what the server holds; our conversion must agree
         # with it on every valid position of a document with "\n" and "\r\n".
