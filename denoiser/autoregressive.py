@@ -35,10 +35,10 @@ def generate_autoregressive(
     Returns (tokens, reused context tokens, forward passes).
     """
     slot = cache.prepare(document, context_ids, need_last_hidden=True)
-    hidden, position = slot.last_hidden, slot.length
+    hidden = slot.last_hidden
     out: list[int] = []
     passes = 0
-    limit = min(max_new_tokens, model.config.max_positions - position)
+    limit = min(max_new_tokens, model.config.max_positions - slot.length)
     while len(out) < limit:
         if is_cancelled():
             raise Cancelled("autoregressive decoding cancelled")
@@ -54,7 +54,6 @@ def generate_autoregressive(
         if len(out) == limit:
             break
         hidden = cache.extend(document, [token]).last_hidden
-        position += 1
     return out, slot.reused, passes
 
 
