@@ -555,7 +555,7 @@ def write_plot(report: dict, path: Path) -> None:
                 suites.append(name)
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     markers = {"diffusion": "o", "autoregressive": "s"}
-    for name in suites:
+    for index, name in enumerate(suites):
         xs_latency, xs_tps, ys, labels, kinds = [], [], [], [], []
         for setting in report["settings"]:
             m = setting["metrics"].get(name)
@@ -567,18 +567,20 @@ def write_plot(report: dict, path: Path) -> None:
             xs_latency.append(m["latency_ms"]["p50"])
             xs_tps.append(m["tokens_per_step"] or 0.0)
             ys.append(100 * quality)
-            labels.append(setting["label"].replace("diffusion ", ""))
+            labels.append(_short_label(setting))
             kinds.append(setting["decoder"])
         metric = "exact match" if name == "heldout" else "pass@1"
         line, = left.plot(xs_latency, ys, linestyle=":", alpha=0.5)
         for x, x2, y, label, kind in zip(xs_latency, xs_tps, ys, labels, kinds):
             left.scatter([x], [y], color=line.get_color(), marker=markers[kind])
-            left.annotate(label, (x, y), fontsize=7, textcoords="offset points", xytext=(4, 3))
             right.scatter([x2], [y], color=line.get_color(), marker=markers[kind])
+            if index == 0:  # one label per setting is enough to tell the points apart
+                left.annotate(label, (x, y), fontsize=7, textcoords="offset points", xytext=(4, 3))
+                right.annotate(label, (x2, y), fontsize=7, textcoords="offset points", xytext=(4, 3))
         right.plot(xs_tps, ys, linestyle=":", alpha=0.5, color=line.get_color(), label=f"{name} {metric}")
     left.set_xlabel("latency per completion, p50 (ms)")
     left.set_ylabel("quality (%)")
-    left.set_title("quality vs latency (o diffusion, □ autoregressive)")
+    left.set_title("quality vs latency (o diffusion steps/threshold, □ AR)")
     right.set_xlabel("tokens per denoising step")
     right.set_title("quality vs parallelism")
     right.legend(fontsize=8)
@@ -588,6 +590,13 @@ def write_plot(report: dict, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _short_label(setting: dict) -> str:
+    if setting["decoder"] == "autoregressive":
+        return "AR"
+    steps = "auto" if setting["steps"] == 0 else setting["steps"]
+    return f"{steps}/{setting['confidence_threshold']:g}"
 
 
 def main(argv: list[str] | None = None) -> int:

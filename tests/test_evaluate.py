@@ -1,0 +1,195 @@
+"""`parafill eval`: the test runner, cursor placement, metrics, and a tiny end-to-end run."""
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from denoiser import evaluate, humaneval
+from denoiser.humaneval import place_cursor, run_tests, task_placement
+from fim.positions import offset_at
+
+try:
+    humaneval.find_data_dir()
+    HAVE_DATA = True
+except FileNotFoundError:
+    HAVE_DATA = False
+
+needs_data = pytest.mark.skipif(not HAVE_DATA, reason="human-eval-infilling data not found (set PARAFILL_HUMANEVAL_DIR)")
+
+
+@pytest.fixture(scope="module")
+def single_tasks():
+    return {t.task_id: t for t in humaneval.load_tasks("single")}
+
+
+def _task_with(tasks, solution_line: str):
+    for task in tasks.values():
+        if task.canonical_solution.strip() == solution_line:
+            return task
+    raise AssertionError(f"no task whose middle is {solution_line!r}")
+
+
+# --- the sandboxed runner -----------------------------------------------------------
+
+@needs_data
+def test_canonical_passes_and_wrong_fails(single_tasks):
+    task = _task_with(single_tasks, "return number % 1.0")
+    placement = task_placement(task)
+    assert run_tests(task, placement.program(placement.expected)).passed
+    wrong = run_tests(task, placement.program("    return number"))
+    assert not wrong.passed and wrong.status == "failed"
+    assert "AssertionError" in wrong.detail
+
+    other = single_tasks["SingleLineInfilling/HumanEval/0/L0"]
+    placement = task_placement(other)
+    assert run_tests(other, placement.program(placement.expected)).passed
+    assert not run_tests(other, placement.program("")).passed  # syntax error: the loop body has no loop
+
+
+@needs_data
+@pytest.mark.parametrize("escape", ["    import sys; sys.exit(0)", "    import os; os._exit(0)"])
+def test_exiting_early_does_not_pass(single_tasks, escape):
+    task = _task_with(single_tasks, "return number % 1.0")
+    outcome = run_tests(task, task_placement(task).program(escape))
+    assert not outcome.passed
+
+
+@needs_data
+def test_infinite_loop_is_killed_by_the_timeout(single_tasks):
+    task = _task_with(single_tasks, "return number % 1.0")
+    started = time.monotonic()
+    outcome = run_tests(task, task_placement(task).program("    while True:\n        pass"), timeout_s=1.0)
+    assert outcome.status == "timeout" and not outcome.passed
+    assert time.monotonic() - started < 8
+
+
+@needs_data
+def test_memory_limit_applies(single_tasks):
+    task = _task_with(single_tasks, "return number % 1.0")
+    program = task_placement(task).program("    hog = bytearray(4 << 30)\n    return number % 1.0")
+    outcome = run_tests(task, program, memory_mb=512)
+    assert not outcome.passed and "MemoryError" in outcome.detail
+
+
+# --- where the cursor sits ---------------------------------------------------------
+
+@needs_data
+@pytest.mark.parametrize("benchmark", ["single", "multi"])
+def test_editor_placement_rebuilds_every_canonical_program(benchmark):
+    tasks = humaneval.load_tasks(benchmark)
+    assert len(tasks) > 1000
+    for task in tasks:
+        placement = task_placement(task)
+        assert placement.program(placement.expected) == task.prompt + task.canonical_solution + task.suffix
+        # the cursor is on an empty line: the user opened a line and writes the middle on it
+        assert placement.text[placement.offset - 1: placement.offset + 1] == "\n\n"
+        assert placement.character == 0
+        assert offset_at(placement.text, placement.line, placement.character) == placement.offset
+        assert not placement.expected.endswith("\n")
+
+
+@needs_data
+def test_random_span_keeps_the_document_as_cut():
+    for task in humaneval.load_tasks("random-light"):
+        placement = task_placement(task)
+        assert placement.program(placement.expected) == task.prompt + task.canonical_solution + task.suffix
+        assert offset_at(placement.text, placement.line, placement.character) == placement.offset
+
+
+def test_placement_counts_utf16_units():
+    placement = place_cursor("s = '\U0001F600' + f(", "a)", "\nprint(s)\n")
+    assert placement.text == "s = '\U0001F600' + f(\nprint(s)\n"
+    assert (placement.line, placement.character) == (0, 13)  # the emoji is two UTF-16 units
+    placement = place_cursor("x = 1\n", "y = 2\n", "z = 3\n")
+    assert (placement.text, placement.line, placement.character) == ("x = 1\n\nz = 3\n", 1, 0)
+    assert placement.program("y = 2") == "x = 1\ny = 2\nz = 3\n"
+
+
+# --- metrics -----------------------------------------------------------------------
+
+def test_edit_similarity():
+    assert evaluate.levenshtein("kitten", "sitting") == 3
+    assert evaluate.edit_similarity("kitten", "sitting") == pytest.approx(1 - 3 / 7)
+    assert evaluate.edit_similarity("sitting", "kitten") == pytest.approx(1 - 3 / 7)
+    assert evaluate.edit_similarity("", "") == 1.0
+    assert evaluate.edit_similarity("abc", "") == 0.0
+    assert evaluate.edit_similarity("return x", "return x") == 1.0
+    assert evaluate.edit_similarity("ab", "ba") == pytest.approx(0.0)
+
+
+def test_exact_match_ignores_trailing_whitespace_only():
+    assert evaluate.exact_match("x = 1  \n", "x = 1")
+    assert not evaluate.exact_match(" x = 1", "x = 1")
+    assert not evaluate.exact_match("x = 1\ny = 2", "x = 1")
+
+
+def test_percentile_is_nearest_rank():
+    values = [float(v) for v in range(1, 11)]
+    assert evaluate.percentile(values, 50) == 5.0
+    assert evaluate.percentile(values, 90) == 9.0
+    assert evaluate.percentile([], 50) is None
+
+
+def test_rest_of_line_cuts_are_deterministic_and_editor_shaped():
+    text = Path(humaneval.__file__).read_text(encoding="utf-8")
+    cuts = [evaluate.rest_of_line_cut(text, random.Random(7)) for _ in range(2)]
+    assert cuts[0] == cuts[1]
+    rng = random.Random(1)
+    for _ in range(200):
+        cursor, end = evaluate.rest_of_line_cut(text, rng)
+        line_start = text.rfind("\n", 0, cursor) + 1
+        assert text[line_start:cursor].strip(), "something is typed before the cursor"
+        assert len(text[cursor:end].strip()) >= 2 and "\n" not in text[cursor:end]
+
+
+# --- end to end on the tiny random model --------------------------------------------
+
+@needs_data
+def test_tiny_end_to_end(tmp_path, capsys):
+    from denoiser.tiny import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model")
+    corpus = tmp_path / "valid.jsonl.gz"
+    with gzip.open(corpus, "wt", encoding="utf-8") as handle:
+        for module in (humaneval, evaluate):
+            source = Path(module.__file__)
+            handle.write(json.dumps({"package": "parafill", "path": source.name, "language": "python",
+                                     "text": source.read_text(encoding="utf-8")}) + "\n")
+    out = tmp_path / "results" / "tiny.json"
+    code = evaluate.main([
+        "--model", str(model), "--device", "cpu", "--tasks", "single", "--limit", "2",
+        "--heldout", "2", "--corpus", str(corpus), "--decoders", "diffusion,autoregressive",
+        "--steps", "2", "--warmup", "0", "--out", str(out), "--samples",
+    ])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert {"model", "device", "command", "git_commit", "settings", "options"} <= report.keys()
+    assert report["model"]["parameters"] > 0
+    assert "--limit 2" in report["command"]
+    assert [s["decoder"] for s in report["settings"]] == ["diffusion", "autoregressive"]
+    for setting in report["settings"]:
+        single, heldout = setting["metrics"]["single"], setting["metrics"]["heldout"]
+        assert single["count"] == 2 and heldout["count"] == 2
+        assert 0.0 <= single["pass@1"] <= 1.0
+        for metrics in (single, heldout):
+            assert 0.0 <= metrics["exact_match"] <= 1.0 and 0.0 <= metrics["edit_similarity"] <= 1.0
+            assert metrics["latency_ms"]["p50"] > 0 and metrics["latency_ms"]["p90"] >= metrics["latency_ms"]["p50"]
+            assert metrics["tokens_per_step"] is not None and metrics["tokens_per_s"] is not None
+    # autoregressive decoding writes one token per forward pass
+    assert report["settings"][1]["metrics"]["single"]["tokens_per_step"] <= 1.0
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = [json.loads(line) for line in gzip.open(out.with_suffix(".samples.jsonl.gz"), "rt")]
+    assert len(samples) == 2 * (2 + 2) and all("status" in s for s in samples if s["suite"] == "single")
+    table = capsys.readouterr().out
+    assert "single pass@1" in table and "autoregressive" in table
+
+
+def test_missing_corpus_is_a_clear_error(tmp_path, capsys):
+    code = evaluate.main(["--tasks", "", "--heldout", "3", "--corpus", str(tmp_path / "nope.jsonl.gz")])
+    assert code == 2
+    assert "nope.jsonl.gz: missing" in capsys.readouterr().err
