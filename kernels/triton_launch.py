@@ -6,14 +6,16 @@ module holds that decision and the launch plumbing, nothing else: no kernels,
 no maths.
 
 Kernels are wrapped in `TritonKernel` instead of `triton.jit` so that the
-choice between compiled code (CUDA tensors) and Triton's CPU interpreter
-(`TRITON_INTERPRET=1`, CPU tensors) is made at launch time. `triton.jit`
-makes it once, when the module is imported, which would make the tests depend
-on import order.
+choice between compiled code and Triton's CPU interpreter (`TRITON_INTERPRET=1`)
+is made at launch time. `triton.jit` makes it once, when the kernel's module is
+imported, and triton's own library functions when triton is imported; both
+would make the tests depend on import order.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import types
 
 import torch
@@ -88,7 +90,52 @@ class TritonKernel:
         return self._compiled
 
     def __getitem__(self, grid):
-        return self._implementation()[grid]
+        launch = self._implementation()[grid]
+        if not interpreting():
+            return launch
+
+        def interpreted_launch(*args, **kwargs):
+            with _language_interpretable():
+                return launch(*args, **kwargs)
+
+        return interpreted_launch
+
+
+# Triton decides at import time whether its own library functions (tl.sum, tl.max,
+# tl.argmax, tl.cdiv, ...) are compiled (`JITFunction`) or interpreted: when
+# triton was imported before TRITON_INTERPRET=1 was set, calling them from an
+# interpreted kernel fails ("Cannot call @triton.jit'd outside of the scope of
+# a kernel"). For the length of one interpreted launch, swap them for
+# interpreted twins, so the interpreter does not depend on import order.
+_INTERPRETED_TWINS: dict[int, tuple[object, object]] = {}  # id -> (jit function kept alive, twin)
+
+
+def _interpreted_twin(jit_fn):
+    entry = _INTERPRETED_TWINS.get(id(jit_fn))
+    if entry is None:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        entry = _INTERPRETED_TWINS[id(jit_fn)] = (jit_fn, InterpretedFunction(jit_fn.fn))
+    return entry[1]
+
+
+@contextlib.contextmanager
+def _language_interpretable():
+    from triton.runtime.jit import JITFunction
+
+    owners = [m for name, m in list(sys.modules.items()) if name.startswith("triton.language") and m is not None]
+    owners.append(tl.tensor)  # tensor methods such as x.sum() are library functions too
+    swapped = []
+    for owner in owners:
+        for name, value in list(vars(owner).items()):
+            if isinstance(value, JITFunction):
+                swapped.append((owner, name, value))
+                setattr(owner, name, _interpreted_twin(value))
+    try:
+        yield
+    finally:
+        for owner, name, value in swapped:
+            setattr(owner, name, value)
 
 
 def triton_kernel(fn) -> TritonKernel:
