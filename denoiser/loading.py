@@ -75,4 +75,5 @@ def _load_open_model(model_dir: Path, config: dict, device: str, report: Progres
             f"{model_dir / 'config.json'}: architecture {described!r} is not supported by this "
             f"parafill (open-weight models are unavailable: {exc}); use a native parafill model"
         ) from exc
-    return load_open_model(model_dir, device, progress=report)
+    # Its percentages start from 0 again: map them after the 5% already reported.
+    return load_open_model(model_dir, device, progress=lambda message, percent: report(message, 5 + 0.9 * percent))
