@@ -294,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated denoising step limits (0: as many as the span needs)")
     parser.add_argument("--thresholds", default="0.9", help="comma-separated confidence thresholds in (0, 1]")
     parser.add_argument("--context-tokens", type=int, default=None, help="context window (default: the server's)")
+    parser.add_argument("--span-tokens-line", type=int, default=None,
+                        help="longest rest-of-line suggestion (default: the server's)")
+    parser.add_argument("--span-tokens-block", type=int, default=None,
+                        help="longest suggestion of whole lines (default: the server's)")
     parser.add_argument("--no-postprocess", action="store_true",
                         help="score the model's raw fill (to measure what post-processing adds)")
     parser.add_argument("--humaneval-dir", default=None, help="directory of the HumanEval-*Infilling.jsonl.gz files")
@@ -438,7 +442,12 @@ def run(args, log=print) -> dict:
             raise SystemExit(f"parafill eval: unknown task set {name!r}; choose from {', '.join(TASK_SETS)}")
         suites[name] = humaneval.spread(humaneval.load_tasks(name, args.humaneval_dir), args.limit)
     heldout = load_heldout(Path(args.corpus), args.heldout, args.seed) if args.heldout > 0 else []
-    options = ContextOptions() if args.context_tokens is None else ContextOptions(context_tokens=args.context_tokens)
+    overrides = {
+        "context_tokens": args.context_tokens,
+        "max_span_tokens_line": args.span_tokens_line,
+        "max_span_tokens_block": args.span_tokens_block,
+    }
+    options = ContextOptions(**{key: value for key, value in overrides.items() if value is not None})
 
     log(f"loading model {args.model or '(embedded default)'} on {args.device}")
     backend = Engine.load(args.model, device=args.device).backend
@@ -458,6 +467,8 @@ def run(args, log=print) -> dict:
             "heldout": len(heldout),
             "seed": args.seed,
             "context_tokens": options.context_tokens,
+            "span_tokens_line": options.max_span_tokens_line,
+            "span_tokens_block": options.max_span_tokens_block,
             "postprocess": not args.no_postprocess,
             "test_timeout_s": args.test_timeout,
             "editor_placement": "middle ending in a newline: cursor on an empty line (docs/EVALUATION.md)",
