@@ -1,8 +1,8 @@
 """`parafill eval`: how good and how fast the model's completions are.
 
-Every completion goes through the path an editor's request takes: a document
-and an LSP cursor position → `fim.build_request` → `Engine.complete` →
-`fim.postprocess`. What is measured (docs/EVALUATION.md):
+Every completion goes through the path an editor's request takes, the server's
+own `lsp_server.suggest`: a document and an LSP cursor position →
+`fim.build_request` → `Engine.complete` → `fim.postprocess`. What is measured (docs/EVALUATION.md):
 
 - HumanEval-infilling pass@1 (single-line, multi-line, random-span): the task's
   tests run on prefix + completion + suffix in a sandboxed subprocess
@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -187,33 +187,35 @@ class Attempt:
 
 
 class CompletionPath:
-    """build_request → Engine.complete → postprocess, as the server runs it."""
+    """The server's own suggestion path (`lsp_server.suggest`) for one decoding setting.
 
-    def __init__(self, engine, decode, options, *, postprocess: bool = True):
-        from fim.context import build_request
-        from fim.postprocess import postprocess as clean
+    evaluate sits above the server, like the CLI: it imports lsp_server so that
+    what is scored is exactly what an editor would be shown.
+    """
+
+    def __init__(self, engine, settings, *, postprocess: bool = True):
+        from lsp_server.suggest import suggest
 
         self.engine = engine
-        self.decode = decode
-        self.options = options
-        self._build_request = build_request
-        self._postprocess = clean if postprocess else (lambda raw, request: raw)
+        self.settings = settings
+        self.postprocess = postprocess
+        self._suggest = suggest
 
     def complete(self, placement: EditorPlacement, *, path: str, language_id: str, document: str):
-        started = time.perf_counter()
-        request = self._build_request(
+        """(completion text, the Suggestion, latency in ms) at the placement's cursor."""
+        found = self._suggest(
+            self.engine,
             placement.text,
             placement.line,
             placement.character,
+            document=document,
             path=path,
             language_id=language_id,
-            options=self.options,
+            settings=self.settings,
         )
-        result = self.engine.complete(request, self.decode, document=document)
-        text = self._postprocess(result.text, request)
-        latency_ms = (time.perf_counter() - started) * 1000
-        self.engine.forget(document)  # each task is a fresh document; keep memory bounded
-        return (text or ""), result, latency_ms
+        text = found.text if self.postprocess else found.raw
+        self.engine.forget(document)  # each item is a fresh document; keeps memory bounded
+        return (text or ""), found, found.total_ms
 
 
 # --- summaries -----------------------------------------------------------------------
@@ -343,16 +345,15 @@ def engine_for(setting: Setting, backend):
     return Engine(backend)
 
 
-def decode_settings(setting: Setting):
-    from denoiser.backend import DecodeSettings
-
+def server_settings(setting: Setting, base):
+    """The server's settings for one decoding setting (the autoregressive decoder ignores steps)."""
     if setting.decoder == "autoregressive":
-        return DecodeSettings()
-    return DecodeSettings(steps=setting.steps, confidence_threshold=setting.confidence_threshold)
+        return base
+    return replace(base, steps=setting.steps, confidence_threshold=setting.confidence_threshold)
 
 
-def evaluate_setting(setting, backend, options, suites, heldout, args, pool, log) -> tuple[dict, list[dict]]:
-    path = CompletionPath(engine_for(setting, backend), decode_settings(setting), options,
+def evaluate_setting(setting, backend, base_settings, suites, heldout, args, pool, log) -> tuple[dict, list[dict]]:
+    path = CompletionPath(engine_for(setting, backend), server_settings(setting, base_settings),
                           postprocess=not args.no_postprocess)
     warm = [(t.task_id, humaneval.task_placement(t), "python") for tasks in suites.values() for t in tasks[:1]]
     warm += [(e.example_id, e.placement, e.language) for e in heldout[:1]]
@@ -433,7 +434,7 @@ def describe_device(backend) -> str:
 
 def run(args, log=print) -> dict:
     from denoiser.engine import Engine
-    from fim.context import ContextOptions
+    from lsp_server.settings import Settings
 
     settings = settings_from(args)
     suites = {}
@@ -444,10 +445,10 @@ def run(args, log=print) -> dict:
     heldout = load_heldout(Path(args.corpus), args.heldout, args.seed) if args.heldout > 0 else []
     overrides = {
         "context_tokens": args.context_tokens,
-        "max_span_tokens_line": args.span_tokens_line,
-        "max_span_tokens_block": args.span_tokens_block,
+        "span_tokens_line": args.span_tokens_line,
+        "span_tokens_block": args.span_tokens_block,
     }
-    options = ContextOptions(**{key: value for key, value in overrides.items() if value is not None})
+    base_settings = replace(Settings(), **{key: value for key, value in overrides.items() if value is not None})
 
     log(f"loading model {args.model or '(embedded default)'} on {args.device}")
     backend = Engine.load(args.model, device=args.device).backend
@@ -466,9 +467,10 @@ def run(args, log=print) -> dict:
             "tasks": {name: len(tasks) for name, tasks in suites.items()},
             "heldout": len(heldout),
             "seed": args.seed,
-            "context_tokens": options.context_tokens,
-            "span_tokens_line": options.max_span_tokens_line,
-            "span_tokens_block": options.max_span_tokens_block,
+            "context_tokens": base_settings.context_tokens,
+            "span_tokens_line": base_settings.span_tokens_line,
+            "span_tokens_block": base_settings.span_tokens_block,
+            "max_snippets": base_settings.max_snippets,
             "postprocess": not args.no_postprocess,
             "test_timeout_s": args.test_timeout,
             "editor_placement": "middle ending in a newline: cursor on an empty line (docs/EVALUATION.md)",
@@ -479,7 +481,7 @@ def run(args, log=print) -> dict:
     with ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
         for setting in settings:
             log(f"evaluating {setting.label}")
-            metrics, samples = evaluate_setting(setting, backend, options, suites, heldout, args, pool, log)
+            metrics, samples = evaluate_setting(setting, backend, base_settings, suites, heldout, args, pool, log)
             report["settings"].append({
                 "label": setting.label,
                 "decoder": setting.decoder,
