@@ -371,7 +371,7 @@ def evaluate_setting(setting, backend, base_settings, suites, heldout, args, poo
             placement = humaneval.task_placement(task)
             text, result, latency = path.complete(
                 placement,
-                path=f"humaneval/{task.task_id.replace('/', '_')}.py",
+                path=humaneval.document_path(task),
                 language_id="python",
                 document=f"eval:{name}:{task.task_id}",
             )

@@ -165,6 +165,17 @@ def place_cursor(prefix: str, middle: str, suffix: str) -> EditorPlacement:
     return EditorPlacement(text=text, offset=offset, line=line, character=character, expected=expected)
 
 
+def document_path(task: Task) -> str:
+    """The file name the editor shows: the problem's, e.g. humaneval/HumanEval_0.py.
+
+    Only the problem id: the benchmark and the cut position are not something
+    an editor's file name would reveal.
+    """
+    parts = task.task_id.split("/")
+    problem = "_".join(parts[1:3]) if len(parts) >= 3 else task.task_id.replace("/", "_")
+    return f"humaneval/{problem}.py"
+
+
 def task_placement(task: Task) -> EditorPlacement:
     return place_cursor(task.prompt, task.canonical_solution, task.suffix)
 

@@ -101,6 +101,12 @@ def test_random_span_keeps_the_document_as_cut():
         assert offset_at(placement.text, placement.line, placement.character) == placement.offset
 
 
+@needs_data
+def test_document_path_names_the_problem_only(single_tasks):
+    task = single_tasks["SingleLineInfilling/HumanEval/0/L0"]
+    assert humaneval.document_path(task) == "humaneval/HumanEval_0.py"
+
+
 def test_placement_counts_utf16_units():
     placement = place_cursor("s = '\U0001F600' + f(", "a)", "\nprint(s)\n")
     assert placement.text == "s = '\U0001F600' + f(\nprint(s)\n"
