@@ -1,0 +1,238 @@
+"""The `parafill` command: serve, complete, status, and the project's tools.
+
+`parafill serve` runs the language server over stdio (what editors start);
+`parafill complete FILE:LINE:COL` prints one suggestion and its timing through
+the same path the server uses (`lsp_server.suggest`); `parafill status` loads
+the model and prints what it is and where it runs. `train`, `eval`, `bench` and
+`corpus` hand their arguments to the module that does the work. Errors a user
+can hit (a bad model directory, a missing file) are one line and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from lsp_server.logs import LEVELS, configure_logging
+
+EXIT_USAGE = 2
+
+# name -> (module, what it does); the module's main(argv) does the work.
+PASS_THROUGH = {
+    "train": ("denoiser.train", "train a native model (see `parafill train --help`)"),
+    "eval": ("denoiser.evaluate", "evaluate a model on fill-in-the-middle benchmarks"),
+    "bench": ("lsp_server.bench", "measure latency and throughput"),
+    "corpus": ("denoiser.corpus", "build the training corpus"),
+}
+COMMANDS = ("serve", "complete", "status", *PASS_THROUGH)
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, exit code 2."""
+
+
+def add_common_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """--model/--device/--log-level/--log-file, accepted before or after the subcommand."""
+
+    def default(value):
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument("--model", metavar="DIR", default=default(None),
+                        help="model directory (config.json, *.safetensors, tokenizer.json); "
+                             "default: the model shipped with parafill")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=default("auto"),
+                        help="where the model runs (default: auto = cuda if available)")
+    parser.add_argument("--log-level", choices=LEVELS, default=default("warning"),
+                        help="log verbosity (default: warning)")
+    parser.add_argument("--log-file", metavar="PATH", default=default(None),
+                        help="write logs here instead of stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="parafill",
+        description="Inline code completions over LSP from a local masked-diffusion denoiser.",
+    )
+    add_common_options(parser, suppress=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    serve = commands.add_parser("serve", help="run the language server over stdio (what editors start)")
+    add_common_options(serve, suppress=True)
+
+    complete = commands.add_parser("complete", help="print one completion at FILE:LINE:COL and its timing")
+    add_common_options(complete, suppress=True)
+    complete.add_argument("location", metavar="FILE:LINE:COL",
+                          help="cursor position, LINE and COL 1-based as editors show them")
+    complete.add_argument("--language", default="", help="LSP language id (default: from the file name)")
+    complete.add_argument("--steps", type=int, default=None, help="most denoising steps (0 = as many as needed)")
+    complete.add_argument("--confidence-threshold", type=float, default=None,
+                          help="commit every position at least this confident (0 < t <= 1)")
+    complete.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+    status = commands.add_parser("status", help="load the model and print what it is and where it runs")
+    add_common_options(status, suppress=True)
+
+    for name, (module, summary) in PASS_THROUGH.items():
+        commands.add_parser(name, help=summary, add_help=False)
+    return parser
+
+
+def parse_location(location: str) -> tuple[Path, int, int]:
+    """FILE:LINE:COL → (path, line, column), LINE/COL 1-based; FILE may contain ':'."""
+    parts = location.rsplit(":", 2)
+    if len(parts) != 3:
+        raise UserError(f"{location!r}: expected FILE:LINE:COL, e.g. src/app.py:12:5")
+    path, line, col = parts
+    try:
+        line_no, col_no = int(line), int(col)
+    except ValueError:
+        raise UserError(f"{location!r}: LINE and COL must be whole numbers, e.g. src/app.py:12:5") from None
+    if line_no < 1 or col_no < 1:
+        raise UserError(f"{location!r}: LINE and COL start at 1, as editors show them")
+    return Path(path), line_no, col_no
+
+
+def load_engine(model: str | None, device: str):
+    """The engine, or a UserError that says what is wrong with the model directory."""
+    from denoiser.backend import ModelLoadError
+    from denoiser.engine import Engine
+
+    try:
+        return Engine.load(model, device=device)
+    except ModelLoadError as exc:
+        raise UserError(str(exc).strip().splitlines()[0]) from None
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{model or 'default model'}: cannot load the model ({type(exc).__name__}: {exc})") from None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from lsp_server.server import create_server
+
+    create_server(args.model, args.device).start_io()
+    return 0
+
+
+def run_complete(args: argparse.Namespace) -> int:
+    from fim import LineIndex
+    from fim.positions import index_to_utf16
+    from lsp_server.settings import Settings, parse_settings
+    from lsp_server.suggest import suggest
+
+    path, line_no, col_no = parse_location(args.location)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    index = LineIndex.of(text)
+    if line_no > index.line_count:
+        raise UserError(f"{path}: line {line_no} is past the end (the file has {index.line_count} lines)")
+    line_text = index.line_text(line_no - 1)
+    if col_no > len(line_text) + 1:
+        raise UserError(f"{path}:{line_no}: column {col_no} is past the end of the line ({len(line_text)} characters)")
+    character = index_to_utf16(line_text, col_no - 1)
+
+    overrides: dict = {}
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    if args.confidence_threshold is not None:
+        overrides["confidenceThreshold"] = args.confidence_threshold
+    settings, problems = parse_settings(overrides, Settings())
+    if problems:
+        raise UserError(problems[0])
+
+    load_started = time.perf_counter()
+    engine = load_engine(args.model, args.device)
+    load_ms = (time.perf_counter() - load_started) * 1000
+    found = suggest(engine, text, line_no - 1, character, document=str(path.resolve()), path=str(path),
+                    language_id=args.language, settings=settings)
+    device = str(engine.backend.device)
+    if args.json:
+        print(json.dumps({
+            "text": found.text, "raw": found.raw, "total_ms": round(found.total_ms, 3),
+            "model_ms": round(found.model_ms, 3), "load_ms": round(load_ms, 3), "tokens": found.tokens,
+            "steps": found.steps, "source": found.source, "device": device, "model": engine.backend.name,
+            "span": found.request.span.mode,
+        }))
+    else:
+        print(found.text if found.text is not None else "", flush=True)
+        shown = "" if found.text is not None else " (no suggestion)"
+        print(f"parafill: {found.total_ms:.1f} ms total, model {found.model_ms:.1f} ms, {found.tokens} tokens, "
+              f"{found.steps} steps, cache source {found.source}, {found.request.span.mode} span, "
+              f"{engine.backend.name} on {device} (load {load_ms:.0f} ms){shown}", file=sys.stderr)
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    engine = load_engine(args.model, args.device)
+    print(json.dumps(engine.status(), indent=2))
+    return 0
+
+
+def run_pass_through(name: str, rest: list[str]) -> int:
+    module_name, _ = PASS_THROUGH[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise UserError(f"`parafill {name}` is not available in this copy of parafill "
+                            f"(module {module_name} is missing)") from None
+        raise
+    main = getattr(module, "main", None)
+    if main is None and module_name == "denoiser.corpus":
+        main = getattr(importlib.import_module("denoiser.corpus.__main__"), "main", None)
+    if main is None:
+        raise UserError(f"`parafill {name}`: {module_name} has no main(argv)")
+    result = main(rest)
+    return result if isinstance(result, int) else 0
+
+
+def split_pass_through(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
+    """(common options, pass-through command or None, its arguments)."""
+    takes_value = {"--model", "--device", "--log-level", "--log-file"}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in PASS_THROUGH:
+            return argv[:i], arg, argv[i + 1:]
+        if not arg.startswith("-"):
+            break
+        i += 2 if arg in takes_value else 1
+    return argv, None, []
+
+
+def start_logging(args: argparse.Namespace) -> None:
+    try:
+        configure_logging(args.log_level, args.log_file)
+    except OSError as exc:
+        raise UserError(f"{args.log_file}: cannot write the log file ({exc.strerror or exc})") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    common, tool, rest = split_pass_through(argv)
+    try:
+        if tool is not None:
+            args = parser.parse_args(common + ["status"])  # only the common options matter here
+            start_logging(args)
+            return run_pass_through(tool, rest)
+        args = parser.parse_args(argv)
+        start_logging(args)
+        if args.command == "serve":
+            return run_serve(args)
+        if args.command == "complete":
+            return run_complete(args)
+        return run_status(args)
+    except UserError as exc:
+        print(f"parafill: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

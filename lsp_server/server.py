@@ -1,0 +1,343 @@
+"""The parafill language server: pygls 2.x, lsprotocol types end to end.
+
+Handlers are a few lines each: read the params, ask `ParafillServer` for a
+`Placed` suggestion (computed by `lsp_server.suggest` on the model thread), map
+it to lsprotocol types. Features: incremental sync, `textDocument/inlineCompletion`
+(debounced when automatic), `textDocument/completion` as the fallback,
+settings from `initializationOptions` and `workspace/didChangeConfiguration`,
+background model loading with `$/progress`, and `parafill/status`.
+
+The server never edits a document, never opens a socket, and never runs torch
+on the event loop (see `lsp_server.worker`). Bad input gives an empty result;
+malformed params get a JSON-RPC InvalidParams error.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+from urllib.parse import unquote
+
+import cattrs
+from lsprotocol import types
+from pygls.exceptions import JsonRpcInvalidParams
+from pygls.lsp.server import LanguageServer
+from pygls.protocol import LanguageServerProtocol
+from pygls.protocol.json_rpc import JsonRPCRequestMessage
+from pygls.protocol.language_server import lsp_method
+
+from fim import resolve_language
+from lsp_server.logs import set_verbose
+from lsp_server.settings import Settings, parse_settings
+from lsp_server.status import ServerStats, status_report
+from lsp_server.suggest import Placed, place_suggestion
+from lsp_server.worker import ModelChoice, ModelWorker, Superseded, Supersession
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+STATUS = "parafill/status"
+MAX_OTHER_DOCUMENTS = 16  # open documents offered to the snippet search
+
+
+class _Rejected:
+    """Stands in for a request whose params could not be read; it was answered already."""
+
+    jsonrpc = "rejected"
+
+    def __repr__(self) -> str:
+        return "<rejected request>"
+
+
+class ParafillProtocol(LanguageServerProtocol):
+    """pygls's protocol with two fixes this server relies on."""
+
+    def structure_message(self, data: dict[str, Any]):
+        # pygls 2.1.1 raises inside the JSON reader when a request's params do not
+        # match their type (a negative line, a string for a number), and the
+        # request is never answered; answer it with InvalidParams instead.
+        if "jsonrpc" in data and "id" in data and "method" in data and "error" not in data:
+            message_type = self.get_message_type(data["method"]) or JsonRPCRequestMessage
+            try:
+                return self._converter.structure(data, message_type)
+            except Exception as exc:
+                details = _validation_details(exc)
+                log.warning("invalid params for %s: %s", data["method"], details)
+                error = JsonRpcInvalidParams(f"invalid params for {data['method']}: {details}")
+                self._send_response(data["id"], error=error.to_response_error())
+                return _Rejected()
+        return super().structure_message(data)
+
+    def handle_message(self, message):
+        if isinstance(message, _Rejected):
+            return
+        super().handle_message(message)
+
+    @lsp_method(types.INITIALIZE)
+    def lsp_initialize(self, params: types.InitializeParams):
+        # fim counts positions in UTF-16 code units, the encoding every client
+        # must support; without this pygls would pick the client's first choice
+        # (Neovim offers UTF-8 first).
+        general = params.capabilities.general
+        if general is not None and general.position_encodings is not None:
+            general.position_encodings = [types.PositionEncodingKind.Utf16]
+        return (yield from super().lsp_initialize(params))
+
+
+def _validation_details(exc: Exception) -> str:
+    try:
+        details = "; ".join(cattrs.transform_error(exc))
+    except Exception:
+        details = str(exc)
+    return details[:500] or type(exc).__name__
+
+
+class ParafillServer(LanguageServer):
+    def __init__(self, model: str | None = None, device: str = "auto"):
+        super().__init__("parafill", VERSION, protocol_cls=ParafillProtocol,
+                         text_document_sync_kind=types.TextDocumentSyncKind.Incremental)
+        self.cli_model = model or ""
+        self.initial_settings = Settings(device=device)
+        self.settings = self.initial_settings
+        self.worker = ModelWorker()
+        self.tickets = Supersession()
+        self.stats = ServerStats()
+        self._tasks: set[asyncio.Task] = set()
+        self._progress_tokens = 0
+
+    # --- settings and model -------------------------------------------------------
+    def model_choice(self) -> ModelChoice:
+        return ModelChoice(model=self.settings.model or self.cli_model, device=self.settings.device)
+
+    def apply_settings(self, raw: Any, *, initial: bool = False) -> list[str]:
+        """Take new settings (layered over the initialization options); returns the problems."""
+        base = Settings(device=self.initial_settings.device) if initial else self.initial_settings
+        settings, problems = parse_settings(raw, base)
+        if initial:
+            self.initial_settings = settings
+        self.settings = settings
+        set_verbose(settings.verbose_logging)
+        return problems
+
+    def warn(self, problems: list[str]) -> None:
+        for problem in problems:
+            log.warning("%s", problem)
+        if problems:
+            self.window_show_message(types.ShowMessageParams(type=types.MessageType.Warning, message="\n".join(problems)))
+
+    def spawn(self, coroutine) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def load_model(self) -> None:
+        choice = self.model_choice()
+        report = await self._progress_begin(f"parafill: loading {choice.model or 'the default model'}")
+        await self.worker.load(choice, report)
+        if self.worker.state == "error":
+            self.window_show_message(types.ShowMessageParams(
+                type=types.MessageType.Error, message=f"parafill: the model did not load: {self.worker.message}"))
+        log.info("model: %s (%s)", self.worker.state, self.worker.message)
+        report(self.worker.message, None, end=True)
+
+    async def _progress_begin(self, title: str):
+        """Start a `$/progress` sequence if the client supports it; returns `report`."""
+        window = self.client_capabilities.window if self.client_capabilities else None
+        if not (window and window.work_done_progress):
+            return lambda message, percent=None, end=False: None
+        self._progress_tokens += 1
+        token = f"parafill/load/{self._progress_tokens}"
+        try:
+            await asyncio.wait_for(self.work_done_progress.create_async(token), timeout=5)
+        except Exception as exc:  # the client refused or never answered: no progress, still load
+            log.info("no progress reporting: %s", exc)
+            return lambda message, percent=None, end=False: None
+        self.work_done_progress.begin(token, types.WorkDoneProgressBegin(title=title, percentage=0, cancellable=False))
+
+        def report(message: str, percent: int | None = None, end: bool = False) -> None:
+            if end:
+                self.work_done_progress.end(token, types.WorkDoneProgressEnd(message=message))
+            else:
+                self.work_done_progress.report(token, types.WorkDoneProgressReport(message=message, percentage=percent))
+
+        return report
+
+    # --- suggestions ----------------------------------------------------------------
+    def open_document(self, uri: str):
+        try:
+            return self.workspace.text_documents.get(unquote(uri))
+        except RuntimeError:  # not initialized
+            return None
+
+    def language_enabled(self, document) -> bool:
+        enabled = self.settings.enabled_languages
+        if not enabled:
+            return True
+        language_id = (document.language_id or "").lower()
+        return language_id in enabled or resolve_language(language_id, document.uri) in enabled
+
+    async def suggest_at(self, uri: str, position: types.Position, *, kind: str, debounce_ms: int,
+                         selected: tuple | None = None) -> Placed | None:
+        self.stats.count(kind)
+        ticket = self.tickets.begin(uri, kind)  # supersedes older work of this kind here
+        document = self.open_document(uri)
+        if not self.worker.ready:
+            self.stats.count("notReady")
+            return None
+        if document is None or not self.language_enabled(document):
+            self.stats.count("empty")
+            return None
+        try:
+            if debounce_ms:
+                await asyncio.sleep(debounce_ms / 1000)
+            started = time.perf_counter()
+            if ticket.is_cancelled():
+                raise Superseded("superseded while debouncing")
+            others = [(d.uri, d.source) for d in self.workspace.text_documents.values() if d.uri != document.uri]
+            placed = await self.worker.run(
+                ticket, place_suggestion, document.source, position.line, position.character,
+                selected=selected, document=uri, path=uri, language_id=document.language_id or "",
+                settings=self.settings, other_documents=others[:MAX_OTHER_DOCUMENTS],
+            )
+        except Superseded:
+            self.stats.count("superseded")
+            return None
+        except asyncio.CancelledError:
+            self.stats.count("cancelled")
+            raise
+        except Exception as exc:
+            self.stats.count("errors")
+            log.error("%s at %s:%d failed: %s: %s", kind, uri, position.line, type(exc).__name__, exc)
+            return None
+        self._log_suggestion(kind, uri, position, placed, (time.perf_counter() - started) * 1000)
+        if placed.insert_text is None:
+            self.stats.count("empty")
+            return None
+        self.stats.answered((time.perf_counter() - started) * 1000)
+        return placed
+
+    def _log_suggestion(self, kind: str, uri: str, position: types.Position, placed: Placed, ms: float) -> None:
+        found = placed.suggestion
+        log.info("%s %s:%d:%d %s, %d tokens, %d steps, model %.1f ms, total %.1f ms, %s",
+                 kind, uri, position.line, position.character, found.source, found.tokens, found.steps,
+                 found.model_ms, ms, "item" if placed.insert_text is not None else "no item")
+        if self.settings.verbose_logging:
+            log.info("raw fill %r -> insert %r", found.raw, placed.insert_text)
+
+    def status(self) -> dict:
+        engine = self.worker.engine
+        choice = self.worker.choice or self.model_choice()
+        return status_report(
+            state=self.worker.state if self.worker.state != "idle" else "loading",
+            message=self.worker.message,
+            model=choice.model,
+            device=choice.device,
+            stats=self.stats,
+            engine_status=engine.status() if engine is not None else None,
+        )
+
+
+def _range(placed: Placed) -> types.Range:
+    return types.Range(start=types.Position(*placed.start), end=types.Position(*placed.end))
+
+
+def _label(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0] if lines else text.strip() or "parafill"
+    return first if len(first) <= 60 else first[:57] + "..."
+
+
+def create_server(model: str | None = None, device: str = "auto") -> ParafillServer:
+    """A server whose model is `model` (a directory; None = the embedded default)
+    on `device`, unless the client's settings name another."""
+    ls = ParafillServer(model, device)
+
+    @ls.feature(types.INITIALIZE)
+    def initialize(ls: ParafillServer, params: types.InitializeParams) -> None:
+        ls.pending_problems = ls.apply_settings(params.initialization_options, initial=True)
+
+    @ls.feature(types.INITIALIZED)
+    def initialized(ls: ParafillServer, params: types.InitializedParams) -> None:
+        ls.warn(getattr(ls, "pending_problems", []))
+        ls.spawn(ls.load_model())
+
+    @ls.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
+    async def did_change_configuration(ls: ParafillServer, params: types.DidChangeConfigurationParams) -> None:
+        raw = params.settings
+        if raw is None or raw == {}:
+            workspace = ls.client_capabilities.workspace if ls.client_capabilities else None
+            if not (workspace and workspace.configuration):
+                return
+            try:
+                items = [types.ConfigurationItem(section="parafill")]
+                raw = (await asyncio.wait_for(
+                    ls.workspace_configuration_async(types.ConfigurationParams(items=items)), timeout=5))[0]
+            except Exception as exc:
+                log.info("workspace/configuration failed: %s", exc)
+                return
+        before = ls.model_choice()
+        ls.warn(ls.apply_settings(raw))
+        if ls.model_choice() != before and ls.worker.state != "idle":
+            ls.spawn(ls.load_model())
+
+    @ls.feature(types.TEXT_DOCUMENT_DID_OPEN)
+    def did_open(ls: ParafillServer, params: types.DidOpenTextDocumentParams) -> None:
+        ls.tickets.edited(params.text_document.uri)
+
+    @ls.feature(types.TEXT_DOCUMENT_DID_CHANGE)
+    def did_change(ls: ParafillServer, params: types.DidChangeTextDocumentParams) -> None:
+        ls.tickets.edited(params.text_document.uri)
+
+    @ls.feature(types.TEXT_DOCUMENT_DID_CLOSE)
+    def did_close(ls: ParafillServer, params: types.DidCloseTextDocumentParams) -> None:
+        uri = params.text_document.uri
+        ls.tickets.closed(uri)
+        if ls.worker.ready:
+            ls.spawn(ls.worker.call(ls.worker.engine.forget, uri))
+
+    @ls.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
+    async def inline_completion(ls: ParafillServer, params: types.InlineCompletionParams) -> types.InlineCompletionList:
+        automatic = params.context.trigger_kind == types.InlineCompletionTriggerKind.Automatic
+        info = params.context.selected_completion_info
+        selected = None
+        if info is not None:
+            selected = ((info.range.start.line, info.range.start.character),
+                        (info.range.end.line, info.range.end.character), info.text)
+        placed = await ls.suggest_at(params.text_document.uri, params.position, kind="inline",
+                                     debounce_ms=ls.settings.debounce_ms if automatic else 0, selected=selected)
+        if placed is None:
+            return types.InlineCompletionList(items=[])
+        return types.InlineCompletionList(items=[types.InlineCompletionItem(insert_text=placed.insert_text, range=_range(placed))])
+
+    @ls.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(resolve_provider=False))
+    async def completion(ls: ParafillServer, params: types.CompletionParams) -> types.CompletionList:
+        invoked = params.context is None or params.context.trigger_kind == types.CompletionTriggerKind.Invoked
+        placed = await ls.suggest_at(params.text_document.uri, params.position, kind="completion",
+                                     debounce_ms=0 if invoked else ls.settings.debounce_ms)
+        if placed is None:
+            return types.CompletionList(is_incomplete=True, items=[])
+        text = placed.insert_text
+        item = types.CompletionItem(
+            label=_label(text),
+            kind=types.CompletionItemKind.Snippet,
+            detail="parafill",
+            documentation=types.MarkupContent(kind=types.MarkupKind.PlainText, value=text),
+            text_edit=types.TextEdit(range=_range(placed), new_text=text),
+            insert_text_format=types.InsertTextFormat.PlainText,
+            sort_text="0",
+        )
+        # Incomplete: the suggestion depends on every keystroke, so the client asks again.
+        return types.CompletionList(is_incomplete=True, items=[item])
+
+    @ls.feature(STATUS)
+    def status(ls: ParafillServer, params: Any) -> dict:
+        return ls.status()
+
+    @ls.feature(types.SHUTDOWN)
+    def shutdown(ls: ParafillServer, params: Any) -> None:
+        for uri in list(ls.tickets.edits):
+            ls.tickets.closed(uri)
+        ls.worker.shutdown()
+
+    return ls

@@ -1,0 +1,144 @@
+"""The server's settings: one typed, fully defaulted model, camelCase on the wire.
+
+Settings arrive from `initializationOptions` and `workspace/didChangeConfiguration`,
+either wrapped as `{"parafill": {...}}` or flat. Parsing never raises: an unknown
+key or a value of the wrong type or range is reported as a sentence the user can
+act on, and the previous value is kept. This module knows nothing of LSP
+transport, models or tensors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+SECTION = "parafill"
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = ""  # a model directory; "" = the one given on the command line, else the embedded default
+    device: str = "auto"  # auto | cpu | cuda
+    context_tokens: int = 1024  # preamble + prefix + suffix the model sees
+    span_tokens_line: int = 32  # longest suggestion that finishes the cursor line
+    span_tokens_block: int = 64  # longest suggestion of whole lines
+    steps: int = 0  # most denoising steps per span; 0 = as many as the span needs
+    confidence_threshold: float = 0.9  # commit every position at least this confident
+    debounce_ms: int = 75  # wait this long after a keystroke before automatic requests run
+    enabled_languages: tuple[str, ...] = field(default=())  # language ids; empty = all
+    max_snippets: int = 2  # regions of other open documents shown to the model
+    verbose_logging: bool = False  # log source text and suggestions (off: never)
+
+
+def camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+WIRE_NAMES: dict[str, str] = {camel(f.name): f.name for f in fields(Settings)}
+
+
+def _whole(low: int, high: int):
+    def check(value: Any) -> tuple[Any, str | None]:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            return None, f"a whole number from {low} to {high}"
+        if not low <= int(value) <= high:
+            return None, f"a whole number from {low} to {high}"
+        return int(value), None
+
+    return check
+
+
+def _fraction(value: Any) -> tuple[Any, str | None]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None, "a number greater than 0 and at most 1"
+    if not 0 < value <= 1:
+        return None, "a number greater than 0 and at most 1"
+    return float(value), None
+
+
+def _text(value: Any) -> tuple[Any, str | None]:
+    if not isinstance(value, str) or "\x00" in value:
+        return None, "a string (a model directory path, or \"\" for the default)"
+    return value, None
+
+
+def _device(value: Any) -> tuple[Any, str | None]:
+    if value not in DEVICES:
+        return None, "one of " + ", ".join(f'"{d}"' for d in DEVICES)
+    return value, None
+
+
+def _languages(value: Any) -> tuple[Any, str | None]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        return None, 'a list of language ids such as ["python", "typescript"] (empty = all)'
+    return tuple(v.strip().lower() for v in value if v.strip()), None
+
+
+def _flag(value: Any) -> tuple[Any, str | None]:
+    if not isinstance(value, bool):
+        return None, "true or false"
+    return value, None
+
+
+_CHECKS = {
+    "model": _text,
+    "device": _device,
+    "context_tokens": _whole(64, 1 << 20),
+    "span_tokens_line": _whole(1, 1024),
+    "span_tokens_block": _whole(1, 1024),
+    "steps": _whole(0, 1024),
+    "confidence_threshold": _fraction,
+    "debounce_ms": _whole(0, 10_000),
+    "enabled_languages": _languages,
+    "max_snippets": _whole(0, 16),
+    "verbose_logging": _flag,
+}
+
+
+def unwrap(raw: Any) -> Any:
+    """`{"parafill": {...}}` → `{...}`; anything else unchanged."""
+    if isinstance(raw, dict) and isinstance(raw.get(SECTION), dict):
+        return raw[SECTION]
+    return raw
+
+
+def parse_settings(raw: Any, base: Settings = Settings()) -> tuple[Settings, list[str]]:
+    """`base` updated with the valid entries of `raw`, and one message per problem.
+
+    `raw` is what the client sent (None, a flat dict, or `{"parafill": {...}}`).
+    """
+    raw = unwrap(raw)
+    if raw is None:
+        return base, []
+    if not isinstance(raw, dict):
+        return base, [f"parafill settings must be an object of camelCase keys, got {type(raw).__name__}; using defaults"]
+    changes: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, value in raw.items():
+        name = WIRE_NAMES.get(key)
+        if name is None:
+            known = ", ".join(sorted(WIRE_NAMES))
+            problems.append(f"parafill: unknown setting {key!r} ignored (known settings: {known})")
+            continue
+        if value is None:  # an explicit null means "the default"
+            changes[name] = getattr(Settings(), name)
+            continue
+        parsed, expected = _CHECKS[name](value)
+        if expected is not None:
+            kept = getattr(base, name)
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            problems.append(f"parafill: setting {key!r} must be {expected}, got {shown}; keeping {to_wire_value(kept)!r}")
+            continue
+        changes[name] = parsed
+    return replace(base, **changes), problems
+
+
+def to_wire_value(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def to_wire(settings: Settings) -> dict[str, Any]:
+    """The settings as the client writes them (camelCase keys)."""
+    return {camel(f.name): to_wire_value(getattr(settings, f.name)) for f in fields(settings)}

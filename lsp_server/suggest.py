@@ -1,0 +1,147 @@
+"""One suggestion at a cursor: fim.build_request → Engine.complete → fim.postprocess.
+
+This is the single path shared by the language server and `parafill complete`,
+so what the terminal shows is what the editor gets. It runs on the model worker
+thread (it calls the engine, which runs torch); it knows no LSP transport and
+no tensors, and it never changes a document.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from fim import ContextOptions, FimRequest, LineIndex, build_request, postprocess
+from lsp_server.settings import Settings
+
+Position = tuple[int, int]  # LSP (line, UTF-16 character)
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """What the model suggests at a cursor, and how it got there."""
+
+    text: str | None  # after post-processing; None = nothing worth showing
+    raw: str  # the engine's fill before post-processing
+    request: FimRequest
+    source: str  # "model" | "completion_cache" | "typed_ahead"
+    tokens: int
+    steps: int
+    model_ms: float  # time inside the engine
+    total_ms: float  # build_request + engine + postprocess
+
+
+def context_options(settings: Settings) -> ContextOptions:
+    return ContextOptions(
+        context_tokens=settings.context_tokens,
+        max_span_tokens_line=settings.span_tokens_line,
+        max_span_tokens_block=settings.span_tokens_block,
+        max_snippets=settings.max_snippets,
+    )
+
+
+def decode_settings(settings: Settings):
+    from denoiser.backend import DecodeSettings  # the worker thread has torch loaded already
+
+    return DecodeSettings(steps=settings.steps, confidence_threshold=settings.confidence_threshold)
+
+
+def suggest(
+    engine: Any,
+    text: str,
+    line: int,
+    character: int,
+    *,
+    document: str,
+    path: str = "",
+    language_id: str = "",
+    settings: Settings = Settings(),
+    other_documents: Iterable[tuple[str, str]] = (),
+    is_cancelled: Callable[[], bool] = lambda: False,
+) -> Suggestion:
+    """The suggestion at LSP position (line, character) of `text` (clamped into it).
+
+    `document` keys the engine's per-document caches (the URI in the server).
+    Raises the engine's `Cancelled` when `is_cancelled` turns true.
+    """
+    started = time.perf_counter()
+    request = build_request(
+        text,
+        line,
+        character,
+        path=path,
+        language_id=language_id,
+        options=context_options(settings),
+        other_documents=other_documents,
+        count_tokens=getattr(engine, "count_tokens", None),
+    )
+    completion = engine.complete(request, decode_settings(settings), document=document, is_cancelled=is_cancelled)
+    final = postprocess(completion.text, request)
+    return Suggestion(
+        text=final,
+        raw=completion.text,
+        request=request,
+        source=completion.source,
+        tokens=completion.tokens,
+        steps=completion.steps,
+        model_ms=completion.elapsed_ms,
+        total_ms=(time.perf_counter() - started) * 1000,
+    )
+
+
+def clamp_position(index: LineIndex, line: int, character: int) -> Position:
+    """The position the editor meant, clamped into the document."""
+    return index.position_at(index.offset_at(line, character))
+
+
+def with_selected_completion(
+    text: str, start: Position, end: Position, inserted: str
+) -> tuple[str, Position, Position, Position]:
+    """`text` as if the completion menu's selected item were inserted over [start, end).
+
+    Returns (new text, clamped start, clamped end, cursor after the insertion),
+    all positions in LSP units; start/end refer to the original text.
+    """
+    index = LineIndex.of(text)
+    a = index.offset_at(*start)
+    b = max(a, index.offset_at(*end))
+    new_text = text[:a] + inserted + text[b:]
+    cursor = LineIndex.of(new_text).position_at(a + len(inserted))
+    return new_text, index.position_at(a), index.position_at(b), cursor
+
+
+@dataclass(frozen=True)
+class Placed:
+    """A suggestion placed in the document: insert `insert_text` over [start, end)."""
+
+    insert_text: str | None  # None = no item
+    start: Position
+    end: Position
+    suggestion: Suggestion
+
+
+def place_suggestion(
+    engine: Any,
+    text: str,
+    line: int,
+    character: int,
+    *,
+    selected: tuple[Position, Position, str] | None = None,
+    **options: Any,
+) -> Placed:
+    """`suggest` at a cursor, with the range an editor item needs.
+
+    `selected` is the completion menu's selected item (start, end, text): the
+    request is built as if its text were already inserted, and the item
+    replaces its range with that text followed by the suggestion (LSP 3.18
+    `selectedCompletionInfo`). `options` are passed on to `suggest`.
+    """
+    if selected is not None:
+        sel_start, sel_end, sel_text = selected
+        new_text, start, end, cursor = with_selected_completion(text, sel_start, sel_end, sel_text)
+        found = suggest(engine, new_text, *cursor, **options)
+        insert = None if found.text is None else sel_text + found.text
+        return Placed(insert, start, end, found)
+    cursor = clamp_position(LineIndex.of(text), line, character)
+    found = suggest(engine, text, *cursor, **options)
+    return Placed(found.text, cursor, cursor, found)

@@ -1,0 +1,167 @@
+"""The one thread that runs the model, and how work on it is superseded or cancelled.
+
+All torch work (importing it, loading the model, every completion) runs on a
+single dedicated thread, so the event loop never blocks on the model and two
+requests never race for it. A `Ticket` tells a job whether it is still wanted:
+a newer edit or request on the same document, or `$/cancelRequest`, turns it
+off, and the denoiser checks it between steps. A job whose ticket is off when
+the thread picks it up never touches the model. This module knows nothing of
+LSP messages or tensors.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+log = logging.getLogger(__name__)
+
+State = Literal["idle", "loading", "ready", "error"]
+
+
+class Superseded(Exception):
+    """The work was superseded or cancelled before or while it ran."""
+
+
+class Ticket:
+    """One piece of work on one document; `is_cancelled` is safe from any thread."""
+
+    def __init__(self, board: "Supersession", uri: str, kind: str):
+        self._board = board
+        self.uri = uri
+        self.kind = kind
+        self._edit = board.edits.get(uri, 0)
+        self._request = board.requests.get((uri, kind), 0)
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def is_cancelled(self) -> bool:
+        # Plain dict reads: atomic under the GIL, and only the event loop writes.
+        return (
+            self._cancelled.is_set()
+            or self._board.edits.get(self.uri, 0) != self._edit
+            or self._board.requests.get((self.uri, self.kind), 0) != self._request
+        )
+
+
+class Supersession:
+    """Generation counters: an edit to a document supersedes all its work; a new
+    request of one kind supersedes older requests of that kind on that document
+    (inline and menu completions run side by side in some editors)."""
+
+    def __init__(self) -> None:
+        self.edits: dict[str, int] = {}
+        self.requests: dict[tuple[str, str], int] = {}
+
+    def edited(self, uri: str) -> None:
+        self.edits[uri] = self.edits.get(uri, 0) + 1
+
+    def begin(self, uri: str, kind: str) -> Ticket:
+        self.requests[(uri, kind)] = self.requests.get((uri, kind), 0) + 1
+        return Ticket(self, uri, kind)
+
+    def closed(self, uri: str) -> None:
+        self.edited(uri)
+        for key in [k for k in self.requests if k[0] == uri]:
+            self.requests[key] += 1
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    model: str  # "" = the embedded default model
+    device: str
+
+
+class ModelWorker:
+    """Owns the engine and the thread it runs on."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parafill-model")
+        self.engine: Any = None
+        self.state: State = "idle"
+        self.message = "the model loads after the client sends `initialized`"
+        self.choice: ModelChoice | None = None
+        self._loads = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready" and self.engine is not None
+
+    async def load(self, choice: ModelChoice, progress: Callable[[str, int], None]) -> None:
+        """Load `choice` on the model thread; `progress` is called on the event loop.
+
+        Never raises: a failure leaves state "error" and its reason in `message`.
+        """
+        self._loads += 1
+        load_id = self._loads
+        self.choice = choice
+        self.engine = None
+        self.state = "loading"
+        self.message = f"loading {choice.model or 'the default model'} on {choice.device}"
+        loop = asyncio.get_running_loop()
+
+        def report(message: str, percent: int) -> None:
+            loop.call_soon_threadsafe(progress, message, percent)
+
+        def job():
+            from denoiser.engine import Engine  # imports torch: on this thread, never on the loop
+
+            return Engine.load(choice.model or None, device=choice.device, progress=report)
+
+        try:
+            engine = await asyncio.wrap_future(self._executor.submit(job))
+        except Exception as exc:  # ModelLoadError and anything a broken model directory causes
+            if load_id == self._loads:
+                self.state = "error"
+                self.message = _one_line(exc)
+            log.error("model failed to load: %s", _one_line(exc))
+            return
+        if load_id == self._loads:  # a newer load started meanwhile: it wins
+            self.engine = engine
+            self.state = "ready"
+            self.message = f"{engine.backend.name} ready on {engine.backend.device}"
+
+    async def run(self, ticket: Ticket, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`fn(engine, *args, is_cancelled=ticket.is_cancelled, **kwargs)` on the model thread.
+
+        Raises `Superseded` if the ticket is off before or while it runs; if the
+        awaiting task is cancelled ($/cancelRequest), the ticket goes off too so
+        the denoiser stops at its next step.
+        """
+        engine = self.engine
+
+        def job():
+            if ticket.is_cancelled():
+                raise Superseded("superseded before it started")
+            from denoiser.backend import Cancelled
+
+            try:
+                return fn(engine, *args, is_cancelled=ticket.is_cancelled, **kwargs)
+            except Cancelled as exc:
+                raise Superseded(str(exc)) from exc
+
+        future = self._executor.submit(job)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            ticket.cancel()
+            future.cancel()
+            raise
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a short model-side chore (e.g. forgetting a document) in order with the rest."""
+        return await asyncio.wrap_future(self._executor.submit(fn, *args))
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return first or type(exc).__name__
