@@ -18,7 +18,7 @@ Rules, in the order they run:
 5. Suffix overlap: whole lines at the end of the completion that repeat the
    first lines of the suffix are dropped, and so is text at the end of the last
    line that repeats the start of the suffix ("x)" before ")" becomes "x"),
-   unless that would unbalance brackets or quotes or split a word.
+   unless that would unbalance brackets or quotes.
 6. Useless: nothing left, only whitespace, or text the suffix already starts
    with gives None (no item).
 
@@ -221,9 +221,6 @@ def _drop_repeated_suffix_start(text: str, around: _Surroundings) -> str:
         if not last.endswith(overlap) or not overlap.strip():
             continue
         shorter = text[: len(text) - size]
-        before = shorter[-1:] or around.prefix_line[-1:]
-        if _is_word(overlap[0]) and before and _is_word(before):
-            continue  # "foo" before "oo": the overlap would split a word
         if any(ch in _OPENERS or ch in _CLOSERS or ch in around.quotes for ch in overlap):
             if around.imbalance(shorter) >= around.imbalance(text):
                 continue
