@@ -22,9 +22,9 @@ from denoiser.corpus.builder import corpus_hash_of, select_records, write_corpus
 from denoiser.corpus.decontaminate import Decontaminator, load_patterns, patterns_from_records
 from denoiser.corpus.dedup import Deduplicator, estimated_jaccard, exact_jaccard, exact_key, minhash
 from denoiser.corpus.fetch import FetchError, download
-from denoiser.corpus.filters import content_drop_reason, language_of, path_drop_reason
+from denoiser.corpus.filters import compiled_twins, content_drop_reason, language_of, path_drop_reason
 from denoiser.corpus.licences import classify, spdx_is_permissive
-from denoiser.corpus.manifest import ManifestError, PackageEntry, load_manifest, parse_manifest
+from denoiser.corpus.manifest import ManifestError, PackageEntry, dump_manifest, load_manifest, parse_manifest
 
 REAL_HUMANEVAL = Path("/work/shared/data/human-eval-infilling")
 SHIPPED_MANIFEST = Path(__file__).resolve().parents[1] / "denoiser" / "corpus" / "manifest.json"
@@ -96,6 +96,13 @@ def test_build_output_only_dropped_when_asked():
     assert path_drop_reason("dist/index.js", drop_build_output=True) == "build_output"
     assert path_drop_reason("dist/index.js") is None
     assert path_drop_reason("src/index.ts", drop_build_output=True) is None
+
+
+def test_compiled_twins_of_typescript_sources():
+    paths = ["src/v4/core/parse.ts", "v4/core/parse.js", "v4/core/parse.d.ts", "lib/util.js", "src/app.tsx", "app.mjs"]
+    assert compiled_twins(paths) == {"v4/core/parse.js"}
+    assert compiled_twins(["src/app.tsx", "src/app.js"]) == {"src/app.js"}
+    assert compiled_twins(["lib/a.js", "lib/b.js"]) == set()
 
 
 def test_content_rules():
@@ -254,11 +261,22 @@ def test_manifest_validation_errors():
         parse_manifest(nosha)
 
 
-def test_shipped_manifest_is_valid_and_holds_out_packages():
-    m = load_manifest(SHIPPED_MANIFEST)
+def test_dump_manifest_round_trips_one_package_per_line():
+    data = manifest_dict()
+    text = dump_manifest(data)
+    assert json.loads(text) == data
+    assert sum(1 for line in text.splitlines() if '"name"' in line) == len(data["packages"])
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "manifest_local.json"])
+def test_shipped_manifests_are_valid_and_hold_out_packages(name):
+    m = load_manifest(SHIPPED_MANIFEST.with_name(name))
     assert len(m.packages) >= 30
-    assert m.validation_packages
-    assert all(m.is_validation(e) is False for e in m.packages if e.name not in m.validation_packages)
+    valid = [e for e in m.packages if m.is_validation(e)]
+    assert 0 < len(valid) < len(m.packages) / 4
+    for e in m.packages:
+        if e.source in ("pypi", "npm"):
+            assert e.url.startswith("https://") and len(e.sha256) == 64
 
 
 # ---------------------------------------------------------------- builder

@@ -24,7 +24,7 @@ from .builder import select_records, write_corpus
 from .decontaminate import Decontaminator, load_patterns
 from .local_sources import (default_site_packages, default_stdlib, distribution_licence,
                             site_packages_files, stdlib_files)
-from .manifest import ManifestError, PackageEntry, load_manifest
+from .manifest import ManifestError, PackageEntry, dump_manifest, load_manifest
 
 DEFAULT_HUMANEVAL = "/work/shared/data/human-eval-infilling"
 
@@ -75,7 +75,7 @@ def _update_manifest(path: Path, new_entries: list[dict], validation: list[str])
         by_key[f"{e['source']}:{e['name']}"] = e
     data["packages"] = sorted(by_key.values(), key=lambda e: (e["source"], e["name"].lower()))
     data["validation_packages"] = sorted(set(data.get("validation_packages", [])) | set(validation))
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    path.write_text(dump_manifest(data))
 
 
 def cmd_pin(args) -> int:
@@ -87,16 +87,18 @@ def cmd_pin(args) -> int:
         try:
             entries.append(pin_pypi(name, version or None, downloads))
             _log(f"pinned pypi {entries[-1]['name']} {entries[-1]['version']} ({entries[-1]['licence']})")
-        except (FetchError, KeyError) as exc:
+        except (FetchError, KeyError, ValueError) as exc:
             failures.append(f"pypi {spec}: {exc}")
+            _log(f"skip pypi {spec}: {exc}")
     for spec in args.npm or []:
         at = spec.rfind("@")
         name, version = (spec[:at], spec[at + 1:]) if at > 0 else (spec, None)
         try:
             entries.append(pin_npm(name, version, downloads))
             _log(f"pinned npm {entries[-1]['name']} {entries[-1]['version']} ({entries[-1]['licence']})")
-        except (FetchError, KeyError) as exc:
+        except (FetchError, KeyError, ValueError) as exc:
             failures.append(f"npm {spec}: {exc}")
+            _log(f"skip npm {spec}: {exc}")
     _update_manifest(Path(args.manifest), entries, [])
     for f in failures:
         _log(f"SKIPPED {f}")

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 
 from .decontaminate import Decontaminator
 from .dedup import Deduplicator
-from .filters import content_drop_reason, language_of, normalise_newlines, path_drop_reason
+from .filters import compiled_twins, content_drop_reason, language_of, normalise_newlines, path_drop_reason
 from .manifest import Manifest, PackageEntry
 
 FileSource = Callable[[PackageEntry], Iterable[tuple[str, bytes]]]
@@ -71,8 +71,10 @@ def select_records(
             result.failed_packages[entry.key] = str(exc)
             log(f"  {entry.key}: FAILED {exc}")
             continue
+        is_npm = entry.source == "npm"
+        twins = compiled_twins([p for p, _ in files]) if is_npm else set()
         for path, data in files:
-            reason = path_drop_reason(path, drop_build_output=entry.source == "npm")
+            reason = "compiled_twin" if path in twins else path_drop_reason(path, drop_build_output=is_npm)
             if reason is None:
                 reason = content_drop_reason(data)
             if reason is not None:

@@ -66,7 +66,8 @@ def download(entry: PackageEntry, downloads: Path) -> Path:
 
 def pin_pypi(name: str, version: str | None, downloads: Path) -> dict:
     """Manifest entry (dict) for a PyPI sdist; raises FetchError if unusable."""
-    meta = json.loads(_get(f"{PYPI}/{urllib.parse.quote(name)}/json"))
+    meta_url = f"{PYPI}/{urllib.parse.quote(name)}/json"
+    meta = json.loads(_get(meta_url))
     info = meta["info"]
     version = version or info["version"]
     files = meta.get("releases", {}).get(version)
@@ -85,7 +86,7 @@ def pin_pypi(name: str, version: str | None, downloads: Path) -> dict:
     sdist = sdists[0]
     entry = {
         "name": info["name"], "version": version, "licence": licence, "source": "pypi",
-        "url": sdist["url"], "sha256": sdist["digests"]["sha256"], "size": sdist["size"],
+        "url": urllib.parse.urljoin(meta_url, sdist["url"]), "sha256": sdist["digests"]["sha256"], "size": sdist["size"],
     }
     download(PackageEntry(**{k: entry[k] for k in ("name", "version", "licence", "source", "url", "sha256")}),
              downloads)
@@ -103,7 +104,8 @@ def pin_npm(name: str, version: str | None, downloads: Path) -> dict:
     if licence is None:
         raise FetchError(f"npm {name}: licence {lic!r} not permissive or unknown")
     dist = meta["dist"]
-    data = _get(dist["tarball"])
+    tarball = urllib.parse.urljoin(f"{NPM}/{quoted}/", dist["tarball"])
+    data = _get(tarball)
     integrity = dist.get("integrity", "")
     if integrity.startswith("sha512-"):
         if base64.b64encode(hashlib.sha512(data).digest()).decode() != integrity[7:]:
@@ -112,7 +114,7 @@ def pin_npm(name: str, version: str | None, downloads: Path) -> dict:
         raise FetchError(f"npm {name}: tarball fails its sha1 shasum check")
     entry = {
         "name": meta["name"], "version": meta["version"], "licence": licence, "source": "npm",
-        "url": dist["tarball"], "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
+        "url": tarball, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
         "integrity": integrity,
     }
     target = cache_path(downloads, PackageEntry(entry["name"], entry["version"], licence, "npm", entry["url"], entry["sha256"]))

@@ -83,6 +83,21 @@ def parse_manifest(data: dict, *, where: str = "manifest") -> Manifest:
     return Manifest(tuple(entries), valid, data)
 
 
+def dump_manifest(data: dict) -> str:
+    """Manifest JSON with one package per line, so diffs show which pin changed."""
+    lines = ["{"]
+    for key, value in data.items():
+        if key == "packages":
+            continue
+        lines.append(f" {json.dumps(key)}: {json.dumps(value)},")
+    lines.append(' "packages": [')
+    rows = [" " + json.dumps(p, ensure_ascii=False) for p in data["packages"]]
+    lines.append(",\n".join(rows))
+    lines.append(" ]")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
 def load_manifest(path: str | Path) -> Manifest:
     path = Path(path)
     try:
