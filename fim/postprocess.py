@@ -50,6 +50,8 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 # How much surrounding code the bracket comparison reads, each side.
 _SCAN_LINES = 40
 _SCAN_CHARS = 3000
+# Longest repeat of the suffix's start looked for (keeps the search linear-ish).
+_MAX_OVERLAP = 400
 
 
 @dataclass(frozen=True)
@@ -216,7 +218,7 @@ def _drop_repeated_suffix_start(text: str, around: _Surroundings) -> str:
     """Drop text at the end of the completion that the suffix's line starts with."""
     suffix_line = around.suffix_line
     last = text[text.rfind("\n") + 1 :]
-    for size in range(min(len(last), len(suffix_line)), 0, -1):
+    for size in range(min(len(last), len(suffix_line), _MAX_OVERLAP), 0, -1):
         overlap = suffix_line[:size]
         if not last.endswith(overlap) or not overlap.strip():
             continue

@@ -119,7 +119,8 @@ class TestStabilityWhileTyping:
     """The context K/V cache hits only if typing extends the prefix and leaves the
     suffix and the prefix window start alone."""
 
-    def test_typing_a_function_extends_the_prefix(self):
+    @pytest.mark.parametrize("count", [estimate_tokens, code_tokens], ids=["estimate", "code_tokens"])
+    def test_typing_a_function_extends_the_prefix(self, count):
         base = python_module(60)
         anchor = base.index("def handler_40")
         new_code = (
@@ -139,7 +140,7 @@ class TestStabilityWhileTyping:
             before = text[:offset]
             line = before.count("\n")
             char = utf16_length(before[before.rfind("\n") + 1 :])
-            request = build_request(text, line, char, path="m.py", options=options)
+            request = build_request(text, line, char, path="m.py", options=options, count_tokens=count)
             start = window_start_line(text, offset, request.prefix)
             starts.append(start)
             if previous is not None:
@@ -440,3 +441,17 @@ class TestLanguages:
         assert comment_syntax("json") is None
         assert comment_syntax("unknown-language") is None
         assert language_from_path("") is None
+
+
+def test_fim_imports_without_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, fim, fim.context, fim.postprocess, fim.snippets, fim.languages, fim.positions\n"
+        "heavy = sorted(m for m in ('torch', 'numpy', 'tokenizers', 'pygls') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "assert callable(fim.build_request) and callable(fim.postprocess)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -272,3 +272,14 @@ class TestRobustness:
         out = fill(long_line, "2, 3]" * 1000)
         assert time.perf_counter() - started < 2.0
         assert out is not None and not out.endswith("]")
+
+
+def test_long_completion_before_a_long_suffix_line_is_fast():
+    import time
+
+    suffix_line = "b" * 50_000
+    source = "x = '|" + suffix_line + "'\n"
+    started = time.perf_counter()
+    out = fill(source, "a" * 50_000 + "b" * 10)
+    assert time.perf_counter() - started < 2.0
+    assert out == "a" * 50_000
