@@ -32,6 +32,9 @@ class ModelConfig:
     n_heads: int = 4
     d_ff: int = 768
     max_positions: int = 4096
+    # Context length the weights were trained on: inference keeps to it, since
+    # positions never seen in training give poor fills.
+    context_tokens: int = 1024
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     architecture: str = ARCHITECTURE

@@ -104,7 +104,7 @@ class NativeBackend:
         self.parameters = sum(p.numel() for p in self.model.parameters())
         self.max_total_span_tokens = max_total_span_tokens
         # Context and the longest span (grown once) must both fit the model's positions.
-        room = self.config.max_positions - max_total_span_tokens
+        room = min(self.config.max_positions - max_total_span_tokens, self.config.context_tokens)
         self.max_context_tokens = min(max_context_tokens or room, room)
         self.context_cache = ContextKVCache(self.model, max_documents=max_documents, device=self.device, dtype=self.dtype)
 

@@ -201,6 +201,7 @@ def run(args) -> None:
     config = ModelConfig(
         vocab_size=tokenizer.vocab_size, d_model=args.d_model, n_layers=args.n_layers,
         n_heads=args.n_heads, d_ff=args.d_ff, max_positions=args.max_positions,
+        context_tokens=args.context_tokens,
     )
     model = SpanDenoiser(config)
     model.init_weights(torch.Generator().manual_seed(settings.seed))
