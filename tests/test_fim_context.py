@@ -158,6 +158,30 @@ class TestStabilityWhileTyping:
         assert all(s % options.line_step == 0 for s in starts)
         assert starts == sorted(starts)
 
+    def test_tight_budget_moves_the_start_in_whole_steps_only(self):
+        base = python_module(60)
+        anchor = base.index("def handler_40")
+        new_code = "def merge(left, right):\n    result = []\n    return result + left + right\n" * 3
+        options = ContextOptions(context_tokens=160, line_step=4)
+        previous_start, previous_prefix, changes = None, None, 0
+        for typed in range(len(new_code) + 1):
+            text = base[:anchor] + new_code[:typed] + base[anchor:]
+            before = text[: anchor + typed]
+            line = before.count("\n")
+            char = len(before) - before.rfind("\n") - 1
+            request = build_request(text, line, char, options=options)
+            start = window_start_line(text, anchor + typed, request.prefix)
+            assert start % 4 == 0
+            if previous_start is not None:
+                if start == previous_start:
+                    assert request.prefix == previous_prefix + new_code[typed - 1]
+                else:
+                    assert start > previous_start
+                    changes += 1
+            previous_start, previous_prefix = start, request.prefix
+        # Nine typed lines under a tight budget: the start had to move, a few times.
+        assert 1 <= changes <= 9
+
     def test_window_start_moves_only_when_the_budget_overflows(self):
         base = python_module(60)
         anchor = base.index("def handler_40")
