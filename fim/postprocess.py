@@ -137,7 +137,8 @@ def _stop_at_dedent(text: str, prefix_line: str) -> str:
             return text
         base, first_body = _indent_width(lines[body]), body + 1
         closing_allowed = bool(prefix_line.strip())
-        if base < cursor_indent or (base == cursor_indent and not _only_closers(lines[body])):
+        not_nested = closing_allowed and base == cursor_indent and not _only_closers(lines[body])
+        if base < cursor_indent or not_nested:
             return "\n".join(lines[:body])
     for i in range(first_body, len(lines)):
         line = lines[i]

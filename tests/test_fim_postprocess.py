@@ -101,6 +101,11 @@ class TestIndentation:
     def test_body_not_indented_under_its_opener_is_nothing(self):
         assert fill("    def area(r):|\n", "\nprint(1)") is None
 
+    def test_block_may_start_with_a_blank_line(self):
+        source = "def f(x):\n    y = x\n    |\n"
+        assert fill(source, "\n    return y\nprint(f(1))") == "\n    return y"
+        assert fill(source, "\nprint(f(1))") is None
+
     def test_tabs_count_as_indentation(self):
         source = "func main() {\n\t|\n}\n"
         raw = "x := 1\n\tfmt.Println(x)\n}\n"
