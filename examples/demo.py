@@ -1,0 +1,14 @@
+"""A small file to try parafill on: `parafill complete examples/demo.py:14:12`."""
+import json
+from pathlib import Path
+
+
+def load_settings(path: Path) -> dict:
+    """Read a JSON settings file, or return an empty dict if it is missing."""
+    if not path.exists():
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        data = json.load(handle)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected an object, got {type(data).__name__}")
+    return data
