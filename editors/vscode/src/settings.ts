@@ -16,6 +16,8 @@ export interface SettingSpec {
   /** Sent to the server (true) or used by the extension itself (false). */
   server: boolean;
   minimum?: number;
+  /** Values must be strictly greater than this. */
+  exclusiveMinimum?: number;
   maximum?: number;
   enum?: readonly string[];
 }
@@ -27,14 +29,14 @@ export const SETTINGS: readonly SettingSpec[] = [
   { key: 'completionMenu', type: 'boolean', server: false },
   { key: 'model', type: 'string', server: true },
   { key: 'device', type: 'string', server: true, enum: ['auto', 'cpu', 'cuda'] },
-  { key: 'contextTokens', type: 'integer', server: true, minimum: 64 },
-  { key: 'spanTokensLine', type: 'integer', server: true, minimum: 1 },
-  { key: 'spanTokensBlock', type: 'integer', server: true, minimum: 1 },
-  { key: 'steps', type: 'integer', server: true, minimum: 1 },
-  { key: 'confidenceThreshold', type: 'number', server: true, minimum: 0, maximum: 1 },
-  { key: 'debounceMs', type: 'integer', server: true, minimum: 0 },
+  { key: 'contextTokens', type: 'integer', server: true, minimum: 64, maximum: 1048576 },
+  { key: 'spanTokensLine', type: 'integer', server: true, minimum: 1, maximum: 1024 },
+  { key: 'spanTokensBlock', type: 'integer', server: true, minimum: 1, maximum: 1024 },
+  { key: 'steps', type: 'integer', server: true, minimum: 0, maximum: 1024 },
+  { key: 'confidenceThreshold', type: 'number', server: true, exclusiveMinimum: 0, maximum: 1 },
+  { key: 'debounceMs', type: 'integer', server: true, minimum: 0, maximum: 10000 },
   { key: 'enabledLanguages', type: 'string[]', server: true },
-  { key: 'maxSnippets', type: 'integer', server: true, minimum: 0 },
+  { key: 'maxSnippets', type: 'integer', server: true, minimum: 0, maximum: 16 },
   { key: 'verboseLogging', type: 'boolean', server: true },
 ];
 
@@ -76,6 +78,10 @@ function describe(spec: SettingSpec): string {
 }
 
 function range(spec: SettingSpec): string {
+  if (spec.exclusiveMinimum !== undefined) {
+    const upper = spec.maximum !== undefined ? ` and at most ${spec.maximum}` : '';
+    return ` greater than ${spec.exclusiveMinimum}${upper}`;
+  }
   if (spec.minimum !== undefined && spec.maximum !== undefined) {
     return ` from ${spec.minimum} to ${spec.maximum}`;
   }
@@ -103,6 +109,9 @@ export function isValid(spec: SettingSpec, value: unknown): boolean {
         return false;
       }
       if (spec.minimum !== undefined && value < spec.minimum) {
+        return false;
+      }
+      if (spec.exclusiveMinimum !== undefined && value <= spec.exclusiveMinimum) {
         return false;
       }
       return spec.maximum === undefined || value <= spec.maximum;

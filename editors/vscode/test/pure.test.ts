@@ -51,6 +51,7 @@ describe('settings', () => {
       }
       assert.equal(prop.minimum, spec.minimum, `${spec.key} minimum`);
       assert.equal(prop.maximum, spec.maximum, `${spec.key} maximum`);
+      assert.equal(prop.exclusiveMinimum, spec.exclusiveMinimum, `${spec.key} exclusiveMinimum`);
     }
   });
 
@@ -65,7 +66,7 @@ describe('settings', () => {
 
   it('drops wrong-typed values and names each one', () => {
     const values: Record<string, unknown> = {
-      steps: 'eight', device: 'tpu', confidenceThreshold: 1.5, contextTokens: 10.5,
+      steps: 'eight', device: 'tpu', confidenceThreshold: 0, contextTokens: 10.5,
       enabledLanguages: ['python', 3], serverCommand: 'parafill serve', debounceMs: 20,
     };
     const resolved = resolveSettings((k) => values[k]);
