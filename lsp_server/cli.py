@@ -98,6 +98,10 @@ def parse_location(location: str) -> tuple[Path, int, int]:
 
 def load_engine(model: str | None, device: str):
     """The engine, or a UserError that says what is wrong with the model directory."""
+    if model is not None and not Path(model).expanduser().is_dir():
+        # Said before torch is imported, so a typo costs no wait.
+        what = "no such directory" if not Path(model).expanduser().exists() else "not a directory"
+        raise UserError(f"{model}: {what}; --model takes a model directory (config.json, *.safetensors, tokenizer.json)")
     from denoiser.backend import ModelLoadError
     from denoiser.engine import Engine
 

@@ -29,7 +29,7 @@ from pygls.protocol.language_server import lsp_method
 
 from fim import resolve_language
 from lsp_server.logs import set_verbose
-from lsp_server.settings import Settings, parse_settings
+from lsp_server.settings import Settings, parse_settings, to_wire
 from lsp_server.status import ServerStats, status_report
 from lsp_server.suggest import Placed, place_suggestion
 from lsp_server.worker import ModelChoice, ModelWorker, Superseded, Supersession
@@ -235,6 +235,7 @@ class ParafillServer(LanguageServer):
             device=choice.device,
             stats=self.stats,
             engine_status=engine.status() if engine is not None else None,
+            settings=to_wire(self.settings),
         )
 
 

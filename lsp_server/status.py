@@ -46,7 +46,8 @@ def _camel_keys(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def status_report(
-    *, state: str, message: str, model: str, device: str, stats: ServerStats, engine_status: dict | None
+    *, state: str, message: str, model: str, device: str, stats: ServerStats, engine_status: dict | None,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The `parafill/status` result (camelCase, JSON-ready)."""
     engine = engine_status or {}
@@ -72,5 +73,6 @@ def status_report(
             "lastError": engine.get("last_error"),
         },
         "uptimeS": round(time.monotonic() - stats.started, 1),
+        "settings": settings or {},
     }
     return report
