@@ -7,6 +7,10 @@ denoising step is a forward pass over the span only, against cached context
 K/V. The same weights also predict the next token of the causal context,
 which gives an autoregressive baseline with no extra parameters.
 
+Training runs plain torch ops (they have autograd); inference (`prefill`,
+`span_hidden`, `span_tokens`) calls the fused ops of kernels/, which are
+Triton on CUDA and the torch references (the same maths) on the CPU.
+
 This module holds no sampling, caching policy or tokenization.
 """
 from __future__ import annotations
@@ -18,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from denoiser.config import ModelConfig
+from kernels import apply_rotary, lm_head_argmax, rms_norm
+from kernels import span_attention as fused_span_attention
 
 
 class RMSNorm(nn.Module):
@@ -99,6 +105,22 @@ class Block(nn.Module):
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
 
+    # Inference twins of project/finish over the fused ops (no autograd in the kernels).
+    def project_fused(self, x: Tensor, positions: Tensor, rotary: Rotary) -> tuple[Tensor, Tensor, Tensor]:
+        b, t, _ = x.shape
+        h = rms_norm(x, self.attn_norm.weight, self.attn_norm.eps)
+        q, k, v = self.qkv(h).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, k, rotary.cos, rotary.sin, positions)
+        return q, k, v
+
+    def finish_fused(self, x: Tensor, attn: Tensor) -> Tensor:
+        b, _, t, _ = attn.shape
+        # The residual add and the MLP's norm in one pass: (norm(out + x), out + x).
+        normed, x = rms_norm(self.out(attn.transpose(1, 2).reshape(b, t, -1)), self.mlp_norm.weight,
+                             self.mlp_norm.eps, residual=x)
+        gate, up = self.gate_up(normed).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
 
 class SpanDenoiser(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -143,34 +165,49 @@ class SpanDenoiser(nn.Module):
         mask = torch.ones(t, end, dtype=torch.bool, device=ids.device).tril(diagonal=start)
         x = self.embed(ids)
         for layer, block in enumerate(self.blocks):
-            q, k, v = block.project(x, positions, self.rotary)
+            q, k, v = block.project_fused(x, positions, self.rotary)
             kv.k[layer, :b, :, start:end] = k
             kv.v[layer, :b, :, start:end] = v
             attn = F.scaled_dot_product_attention(q, kv.k[layer, :b, :, :end], kv.v[layer, :b, :, :end], attn_mask=mask)
-            x = block.finish(x, attn)
+            x = block.finish_fused(x, attn)
         return x[:, -1]
 
     @torch.no_grad()
-    def span_hidden(self, span_ids: Tensor, kv: KVBuffers, ctx_len: int) -> Tensor:
-        """Hidden states of span tokens [B, L] at positions ctx_len.. over cached context."""
+    def span_hidden(self, span_ids: Tensor, kv: KVBuffers, ctx_len: int | Tensor) -> Tensor:
+        """Hidden states of span tokens [B, L] at positions ctx_len.. over cached context.
+
+        ctx_len: one int for the whole batch, or an int tensor [B] (one cached
+        length per sequence: a batch of requests for different documents, or a
+        CUDA graph that must not bake a length in).
+        """
         b, n = span_ids.shape
-        positions = torch.arange(ctx_len, ctx_len + n, device=span_ids.device).expand(b, n)
+        offsets = torch.arange(n, device=span_ids.device)
+        if isinstance(ctx_len, Tensor):
+            positions = ctx_len.to(device=span_ids.device, dtype=torch.long).view(-1, 1) + offsets
+        else:
+            positions = (ctx_len + offsets).expand(b, n)
         x = self.embed(span_ids)
         for layer, block in enumerate(self.blocks):
-            q, k, v = block.project(x, positions, self.rotary)
-            attn = span_attention(q, kv.k[layer, :b], kv.v[layer, :b], k, v, ctx_len)
-            x = block.finish(x, attn)
+            q, k, v = block.project_fused(x, positions, self.rotary)
+            attn = fused_span_attention(q, kv.k[layer, :b], kv.v[layer, :b], k, v, ctx_len)
+            x = block.finish_fused(x, attn)
         return x
 
-    def span_logits(self, span_ids: Tensor, kv: KVBuffers, ctx_len: int) -> Tensor:
+    def span_logits(self, span_ids: Tensor, kv: KVBuffers, ctx_len: int | Tensor) -> Tensor:
         return self.logits(self.span_hidden(span_ids, kv, ctx_len))
 
+    @torch.no_grad()
+    def span_tokens(self, span_ids: Tensor, kv: KVBuffers, ctx_len: int | Tensor, *,
+                    banned_ids: Tensor | None = None, vocab_limit: int | None = None) -> tuple[Tensor, Tensor]:
+        """Greedy token and its probability at every span position ([B, L] int64, [B, L] fp32).
 
-def span_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_span: Tensor, v_span: Tensor, ctx_len: int) -> Tensor:
-    """Span queries attend to the first ctx_len cached context keys and to every span key."""
-    k = torch.cat((k_cache[:, :, :ctx_len], k_span), dim=2)
-    v = torch.cat((v_cache[:, :, :ctx_len], v_span), dim=2)
-    return F.scaled_dot_product_attention(q, k, v)
+        Final norm, tied LM head and softmax-max fused (kernels.lm_head_argmax):
+        the [B, L, V] logits are never materialised on a GPU. banned_ids and ids
+        >= vocab_limit are never chosen.
+        """
+        hidden = self.span_hidden(span_ids, kv, ctx_len)
+        return lm_head_argmax(hidden, self.final_norm.weight, self.final_norm.eps, self.embed.weight,
+                              banned_ids=banned_ids, vocab_limit=vocab_limit)
 
 
 def training_mask(causal_len: Tensor, ctx_len: Tensor, causal_region: int, span: int) -> Tensor:
