@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 import time
 from typing import Any
 from urllib.parse import unquote
@@ -323,7 +325,7 @@ def create_server(model: str | None = None, device: str = "auto") -> ParafillSer
             label=_label(text),
             kind=types.CompletionItemKind.Snippet,
             detail="parafill",
-            documentation=types.MarkupContent(kind=types.MarkupKind.PlainText, value=text),
+            documentation=text,
             text_edit=types.TextEdit(range=_range(placed), new_text=text),
             insert_text_format=types.InsertTextFormat.PlainText,
             sort_text="0",
@@ -340,5 +342,13 @@ def create_server(model: str | None = None, device: str = "auto") -> ParafillSer
         for uri in list(ls.tickets.edits):
             ls.tickets.closed(uri)
         ls.worker.shutdown()
+
+    @ls.feature(types.EXIT)
+    def exit_now(ls: ParafillServer, params: Any) -> None:
+        # pygls would now wait for its stdin reader thread and the model thread
+        # (an editor waits on us meanwhile); nothing is left to save, so go at once.
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0 if ls.protocol._shutdown else 1)
 
     return ls

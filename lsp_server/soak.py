@@ -1,0 +1,818 @@
+"""`parafill bench --soak N`: replay N random editor operations against a real server.
+
+A raw JSON-RPC client (Content-Length framing over the server's stdin/stdout,
+no LSP library) starts `python -m lsp_server serve`, opens documents and sends
+what editors and careless users send: incremental and whole-document edits,
+inline and menu completions at valid and out-of-range positions,
+cancellations mid-flight, didClose while a request runs, unknown methods,
+malformed JSON and JSON-RPC, invalid params, oversized messages, a 10 MB
+document, 1 MB lines, NUL and control characters, lone surrogates.
+
+It keeps its own copy of every document and checks, through the ranges the
+server answers at out-of-range positions (clamped into the server's copy),
+that both copies agree. A run fails on: the process dying, a request left
+unanswered, a wrong kind of answer (an invalid request must get InvalidParams,
+an unknown method MethodNotFound), a traceback reaching the client, the two
+copies of a document disagreeing, or resident memory still growing in the
+second half of the run. `run_soak` returns the figures as a dict.
+
+This module only drives and observes a server process; it never imports the
+server, torch or the model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+
+PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL_ERROR = -32700, -32600, -32601, -32602, -32603
+REQUEST_CANCELLED = -32800
+# Short spans and few steps: the soak measures the server, not the model.
+SOAK_SETTINGS = {"spanTokensLine": 8, "spanTokensBlock": 8, "steps": 4, "debounceMs": 0, "contextTokens": 256}
+TRACEBACK = re.compile(r"Traceback \(most recent call last\)|File \"[^\"]+\", line \d+")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+# --- the client's copy of a document ----------------------------------------------------
+def utf16_len(text: str) -> int:
+    return len(text) + sum(1 for ch in text if ord(ch) > 0xFFFF)
+
+
+def line_starts(text: str) -> list[int]:
+    """Offsets where LSP lines start (breaks: \\r\\n, \\r, \\n only)."""
+    return [0] + [m.end() for m in _LINE_BREAK.finditer(text)]
+
+
+def line_content_end(text: str, starts: list[int], line: int) -> int:
+    if line + 1 < len(starts):
+        end = starts[line + 1] - 1
+        if end > starts[line] and text[end] == "\n" and text[end - 1] == "\r":
+            end -= 1
+        return end
+    return len(text)
+
+
+def position_of(text: str, offset: int, starts: list[int] | None = None) -> tuple[int, int]:
+    """LSP (line, UTF-16 character) of a string offset that is a valid position."""
+    starts = starts or line_starts(text)
+    lo, hi = 0, len(starts) - 1
+    while lo < hi:  # last start <= offset
+        mid = (lo + hi + 1) // 2
+        if starts[mid] <= offset:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo, utf16_len(text[starts[lo]:offset])
+
+
+def valid_offset(text: str, offset: int) -> int:
+    """Move an offset off the middle of a "\\r\\n" pair (no LSP position points there)."""
+    if 0 < offset < len(text) and text[offset - 1] == "\r" and text[offset] == "\n":
+        return offset - 1
+    return offset
+
+
+# --- random text ------------------------------------------------------------------------
+CODE = [
+    "def f(x):\n", "    return x + 1\n", "import os\n", "class A:\n", "    pass\n", "for i in range(10):\n",
+    "if x:\n", "print('hi')\n", "x = [1, 2, 3]\n", "{", "}", "(", ")", "[", "]", ":", " ", "    ", "\t",
+    "function g(a) { return a; }\n", "const y = 2;\n", "# comment\n", '"""doc"""\n', "x", "y", "z", "self.",
+]
+ODD = [
+    "\x00", "\x01", "\x07", "\x1b", "\x7f", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029",
+    "\r\n", "\r", "\n", "\ud800", "\udfff", "\udc00x", "é", "中文", "😀", "\U0001f600\U0001f680", "\ufeff", "\u200b",
+    "𝔘𝔫𝔦", "\U0010ffff",
+]
+
+
+def random_text(rng: random.Random, pieces: int | None = None) -> str:
+    pieces = rng.randint(0, 12) if pieces is None else pieces
+    out = []
+    for _ in range(pieces):
+        roll = rng.random()
+        if roll < 0.7:
+            out.append(rng.choice(CODE))
+        elif roll < 0.97:
+            out.append(rng.choice(ODD))
+        else:
+            out.append(rng.choice("abc ") * rng.randint(200, 4000))
+    return "".join(out)
+
+
+# --- the raw JSON-RPC pipe ----------------------------------------------------------------
+@dataclass
+class Expect:
+    """What an answer to one request must look like."""
+
+    op: str
+    kinds: tuple[str, ...]  # "result" and/or error codes as str(int), "error" = any error
+    sent: float
+    check: Callable[[dict], str | None] | None = None  # extra check on the response; returns a failure
+
+
+class LspPipe:
+    """Frames JSON-RPC over a server process's stdin/stdout; answers the server's own requests."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], stderr_path: Path, cwd: str | None = None,
+                 configuration: Any = None):
+        self._stderr = open(stderr_path, "wb")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+                                     env=env, cwd=cwd)
+        self.configuration = configuration
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition()
+        self.responses: dict[Any, dict] = {}
+        self.notifications: Counter[str] = Counter()
+        self.shown: list[str] = []  # window/showMessage and logMessage texts (bounded)
+        self.traceback_messages: list[str] = []
+        self.bytes_received = 0
+        self.read_error: str | None = None
+        self._next_id = 0
+        self._reader = threading.Thread(target=self._read_loop, name="soak-reader", daemon=True)
+        self._reader.start()
+
+    # sending
+    def next_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def send_body(self, body: bytes, extra_headers: bytes = b"") -> None:
+        frame = extra_headers + b"Content-Length: %d\r\n\r\n" % len(body) + body
+        with self._lock:
+            self.proc.stdin.write(frame)
+            self.proc.stdin.flush()
+
+    def send(self, message: dict) -> None:
+        # ensure_ascii: lone surrogates travel as \ud800 escapes, as a JS client would send them.
+        self.send_body(json.dumps(message, ensure_ascii=True).encode("ascii"))
+
+    def request(self, method: str, params: Any) -> int:
+        msg_id = self.next_id()
+        self.send({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
+        return msg_id
+
+    def notify(self, method: str, params: Any) -> None:
+        self.send({"jsonrpc": "2.0", "method": method, "params": params})
+
+    # receiving
+    def _read_loop(self) -> None:
+        stream = self.proc.stdout
+        try:
+            while True:
+                length = None
+                while True:
+                    header = stream.readline()
+                    if not header:
+                        return
+                    if header in (b"\r\n", b"\n"):
+                        break
+                    name, _, value = header.decode("ascii").partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value.strip())
+                if length is None:
+                    self.read_error = "a message without Content-Length"
+                    return
+                body = stream.read(length)
+                self.bytes_received += len(body)
+                self._dispatch(json.loads(body))
+        except Exception as exc:  # a broken frame from the server is a failure the report shows
+            self.read_error = f"{type(exc).__name__}: {exc}"
+        finally:
+            with self._arrived:
+                self._arrived.notify_all()
+
+    def _dispatch(self, message: dict) -> None:
+        text = json.dumps(message)
+        if TRACEBACK.search(text):
+            self.traceback_messages.append(text[:2000])
+        if "method" in message and "id" in message:  # the server asks the client something
+            method = message["method"]
+            result: Any = None
+            if method == "workspace/configuration":
+                result = [self.configuration for _ in message.get("params", {}).get("items", [])]
+            self.send({"jsonrpc": "2.0", "id": message["id"], "result": result})
+            self.notifications[method] += 1
+        elif "method" in message:
+            self.notifications[message["method"]] += 1
+            if message["method"] in ("window/showMessage", "window/logMessage") and len(self.shown) < 200:
+                self.shown.append(str(message.get("params", {}).get("message", ""))[:300])
+        else:
+            with self._arrived:
+                self.responses[message.get("id")] = message
+                self._arrived.notify_all()
+
+    def wait_for(self, msg_id: Any, timeout: float) -> dict | None:
+        deadline = time.monotonic() + timeout
+        with self._arrived:
+            while msg_id not in self.responses:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._reader.is_alive():
+                    return self.responses.pop(msg_id, None)
+                self._arrived.wait(min(left, 0.5))
+            return self.responses.pop(msg_id)
+
+    def take(self, msg_id: Any) -> dict | None:
+        with self._arrived:
+            return self.responses.pop(msg_id, None)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def rss_kb(self) -> int | None:
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        except OSError:
+            return None
+        return None
+
+    def close(self, timeout: float = 20) -> int | None:
+        """shutdown + exit; returns the exit code (None if it had to be killed)."""
+        code = None
+        try:
+            if self.alive():
+                msg_id = self.request("shutdown", None)
+                self.wait_for(msg_id, timeout)
+                self.notify("exit", None)
+                self.proc.stdin.close()
+            code = self.proc.wait(timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired, ValueError):
+            self.proc.kill()
+            self.proc.wait()
+        finally:
+            self._stderr.close()
+        return code
+
+
+# --- the soak itself ----------------------------------------------------------------------
+@dataclass
+class SoakState:
+    documents: dict[str, str] = field(default_factory=dict)
+    versions: dict[str, int] = field(default_factory=dict)
+    pending: dict[int, Expect] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    ops: Counter = field(default_factory=Counter)
+    op_seconds: Counter = field(default_factory=Counter)
+    answers: Counter = field(default_factory=Counter)
+    view_checks: int = 0
+    view_unverified: int = 0
+    items: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+
+
+class Soak:
+    def __init__(self, pipe: LspPipe, rng: random.Random, *, answer_timeout_s: float):
+        self.pipe = pipe
+        self.rng = rng
+        self.state = SoakState()
+        self.answer_timeout_s = answer_timeout_s
+        self._doc_serial = 0
+
+    # bookkeeping
+    def fail(self, message: str) -> None:
+        if len(self.state.failures) < 200:
+            self.state.failures.append(message)
+
+    def expect(self, msg_id: int, op: str, *kinds: str, check=None) -> None:
+        self.state.pending[msg_id] = Expect(op, kinds, time.monotonic(), check)
+
+    def judge(self, msg_id: int, expect: Expect, response: dict) -> None:
+        self.state.latencies_ms.append((time.monotonic() - expect.sent) * 1000)
+        if "error" in response:
+            error = response["error"] or {}
+            code = error.get("code")
+            self.state.answers[f"error {code}"] += 1
+            if not ("error" in expect.kinds or str(code) in expect.kinds):
+                self.fail(f"{expect.op} (id {msg_id}): error {code} {str(error.get('message'))[:200]!r}, "
+                          f"expected {expect.kinds}")
+            if not isinstance(error.get("message"), str) or not isinstance(code, int):
+                self.fail(f"{expect.op} (id {msg_id}): malformed error object {error!r:.200}")
+            return
+        if "result" not in response:
+            self.fail(f"{expect.op} (id {msg_id}): neither result nor error: {response!r:.200}")
+            return
+        self.state.answers["result"] += 1
+        if "result" not in expect.kinds:
+            self.fail(f"{expect.op} (id {msg_id}): a result where an error was due ({expect.kinds})")
+            return
+        if expect.check is not None:
+            problem = expect.check(response["result"])
+            if problem:
+                self.fail(f"{expect.op} (id {msg_id}): {problem}")
+
+    def collect(self, wait: bool) -> None:
+        """Judge every answer that arrived; with wait, every pending request must answer in time."""
+        for msg_id in list(self.state.pending):
+            expect = self.state.pending[msg_id]
+            if wait:
+                left = expect.sent + self.answer_timeout_s - time.monotonic()
+                response = self.pipe.wait_for(msg_id, max(0.0, left))
+            else:
+                response = self.pipe.take(msg_id)
+            if response is None:
+                if wait:
+                    del self.state.pending[msg_id]
+                    self.fail(f"{expect.op} (id {msg_id}): no answer within {self.answer_timeout_s:.0f} s")
+                continue
+            del self.state.pending[msg_id]
+            self.judge(msg_id, expect, response)
+
+    # documents
+    def new_uri(self, suffix: str = ".py") -> str:
+        self._doc_serial += 1
+        return f"file:///soak/doc{self._doc_serial}{suffix}"
+
+    def open(self, uri: str, text: str, language: str = "python") -> None:
+        self.state.documents[uri] = text
+        self.state.versions[uri] = 1
+        self.pipe.notify("textDocument/didOpen", {"textDocument": {
+            "uri": uri, "languageId": language, "version": 1, "text": text}})
+
+    def close(self, uri: str) -> None:
+        self.state.documents.pop(uri, None)
+        self.state.versions.pop(uri, None)
+        self.pipe.notify("textDocument/didClose", {"textDocument": {"uri": uri}})
+
+    def change(self, uri: str, changes: list[dict], new_text: str) -> None:
+        self.state.versions[uri] += 1
+        self.state.documents[uri] = new_text
+        self.pipe.notify("textDocument/didChange", {
+            "textDocument": {"uri": uri, "version": self.state.versions[uri]}, "contentChanges": changes})
+
+    def any_document(self) -> str:
+        if not self.state.documents:
+            self.open(self.new_uri(), random_text(self.rng, 20))
+        return self.rng.choice(sorted(self.state.documents))
+
+    def random_position(self, text: str, *, out_of_range: bool) -> dict:
+        starts = line_starts(text)
+        if out_of_range:
+            line = self.rng.choice([len(starts), len(starts) + 5, 10**6, 2**31 - 1, self.rng.randrange(len(starts))])
+            character = self.rng.choice([0, 10**6, 2**31 - 1, 5])
+            return {"line": line, "character": character}
+        offset = valid_offset(text, self.rng.randint(0, len(text)))
+        line, character = position_of(text, offset, starts)
+        return {"line": line, "character": character}
+
+    # requests
+    def completion_request(self, uri: str, position: dict, *, inline: bool, check=None) -> int:
+        if inline:
+            trigger = self.rng.choice([1, 2])  # Invoked, Automatic
+            msg_id = self.pipe.request("textDocument/inlineCompletion", {
+                "textDocument": {"uri": uri}, "position": position, "context": {"triggerKind": trigger}})
+        else:
+            msg_id = self.pipe.request("textDocument/completion", {
+                "textDocument": {"uri": uri}, "position": position, "context": {"triggerKind": 1}})
+        self.expect(msg_id, "inlineCompletion" if inline else "completion", "result",
+                    check=check or (lambda result: self.check_items(result)))
+        return msg_id
+
+    def check_items(self, result: Any) -> str | None:
+        if not isinstance(result, dict) or not isinstance(result.get("items"), list):
+            return f"result is not a completion list: {result!r:.200}"
+        for item in result["items"]:
+            self.state.items += 1
+            text = item.get("insertText") if "insertText" in item else (item.get("textEdit") or {}).get("newText")
+            if not isinstance(text, str):
+                return f"item without text: {item!r:.200}"
+        return None
+
+    # --- operations ---------------------------------------------------------------------
+    def op_incremental_edit(self) -> None:
+        uri = self.any_document()
+        text = self.state.documents[uri]
+        a = valid_offset(text, self.rng.randint(0, len(text)))
+        b = valid_offset(text, min(len(text), a + self.rng.choice([0, 0, 1, 3, 20, 200])))
+        new = random_text(self.rng, self.rng.randint(0, 4))
+        starts = line_starts(text)
+        change = {"range": {"start": dict(zip(("line", "character"), position_of(text, a, starts))),
+                            "end": dict(zip(("line", "character"), position_of(text, b, starts)))},
+                  "text": new}
+        self.change(uri, [change], text[:a] + new + text[b:])
+
+    def op_typing_burst(self) -> None:
+        """Several single-character edits in one didChange, as fast typing sends them."""
+        uri = self.any_document()
+        text = self.state.documents[uri]
+        at = valid_offset(text, self.rng.randint(0, len(text)))
+        changes = []
+        for ch in self.rng.choice(["x", "if x", "ab\n", "def g():\n    ", "é😀"]):
+            line, character = position_of(text, at)
+            changes.append({"range": {"start": {"line": line, "character": character},
+                                      "end": {"line": line, "character": character}}, "text": ch})
+            text = text[:at] + ch + text[at:]
+            at += 1
+        self.change(uri, changes, text)
+        self.completion_request(uri, self.random_position(text, out_of_range=False), inline=True)
+
+    def op_full_edit(self) -> None:
+        uri = self.any_document()
+        new = random_text(self.rng, self.rng.randint(0, 30))
+        self.change(uri, [{"text": new}], new)
+
+    def op_open(self) -> None:
+        if len(self.state.documents) >= 6:
+            self.close(self.rng.choice(sorted(self.state.documents)))
+        self.open(self.new_uri(self.rng.choice([".py", ".js", ".txt", ".rs"])), random_text(self.rng, 25),
+                  self.rng.choice(["python", "javascript", "plaintext", "rust", "", "no-such-language"]))
+
+    def op_complete(self, inline: bool) -> None:
+        uri = self.any_document()
+        text = self.state.documents[uri]
+        self.completion_request(uri, self.random_position(text, out_of_range=self.rng.random() < 0.3), inline=inline)
+
+    def op_cancel(self) -> None:
+        uri = self.any_document()
+        msg_id = self.pipe.request("textDocument/inlineCompletion", {
+            "textDocument": {"uri": uri}, "position": self.random_position(self.state.documents[uri], out_of_range=False),
+            "context": {"triggerKind": 1}})
+        self.expect(msg_id, "cancelled inlineCompletion", "result", str(REQUEST_CANCELLED), check=self.check_items)
+        time.sleep(self.rng.choice([0, 0, 0.001, 0.005, 0.02]))
+        self.pipe.notify("$/cancelRequest", {"id": msg_id})
+
+    def op_close_in_flight(self) -> None:
+        uri = self.any_document()
+        text = self.state.documents[uri]
+        self.completion_request(uri, self.random_position(text, out_of_range=False), inline=self.rng.random() < 0.7)
+        self.close(uri)
+        if self.rng.random() < 0.5:  # reopened at once, as an editor does on reload
+            self.open(uri, random_text(self.rng, 10))
+
+    def op_unknown(self) -> None:
+        if self.rng.random() < 0.5:
+            msg_id = self.pipe.request(self.rng.choice(["parafill/noSuchThing", "textDocument/hover2", "$/soak"]),
+                                       {"x": random_text(self.rng, 2)})
+            self.expect(msg_id, "unknown method", str(METHOD_NOT_FOUND))
+        else:
+            self.pipe.notify(self.rng.choice(["parafill/unknownNotice", "$/setTrace", "$/soakNotice"]), {"value": 1})
+
+    def op_invalid_params(self) -> None:
+        uri = self.any_document()
+        bad_positions = [{"line": -1, "character": 0}, {"line": 0, "character": -5}, {"line": "ten", "character": 0},
+                         {"line": 0, "character": "3"}, {"line": 1.5, "character": 0}, {"line": None, "character": 0},
+                         {"character": 0}, "here", None, {"line": 2**40, "character": 0}]
+        method = self.rng.choice(["textDocument/inlineCompletion", "textDocument/completion"])
+        params: Any = {"textDocument": {"uri": uri}, "position": self.rng.choice(bad_positions),
+                       "context": {"triggerKind": 1}}
+        roll = self.rng.random()
+        if roll < 0.15:
+            params = self.rng.choice([None, [], "params", 7])
+        elif roll < 0.3:
+            params = {"textDocument": {"uri": 42}, "position": {"line": 0, "character": 0}, "context": {"triggerKind": 1}}
+        elif roll < 0.4:
+            params["context"] = {"triggerKind": 99}
+        msg_id = self.pipe.request(method, params)
+        self.expect(msg_id, f"invalid params {method} {json.dumps(params)[:160]}", str(INVALID_PARAMS))
+
+    def op_malformed(self) -> None:
+        """Bytes no JSON-RPC peer should send; the server must shrug them off."""
+        roll = self.rng.randrange(9)
+        if roll == 0:
+            self.pipe.send_body(b'{"jsonrpc": "2.0", "id": 1, "method": ')
+        elif roll == 1:
+            self.pipe.send_body(self.rng.choice([b"[]", b"null", b"42", b'"text"', b"[1, 2]", b"{}", b"true"]))
+        elif roll == 2:
+            self.pipe.send_body(b"\xff\xfe\x00garbage\x80")
+        elif roll == 3:
+            self.pipe.send_body(b'{"jsonrpc": "2.0", "method": "textDocument/didChange", "params": 5}')
+        elif roll == 4:  # a request with a method that is not a string: some error, never silence
+            msg_id = self.pipe.next_id()
+            self.pipe.send_body(json.dumps({"jsonrpc": "2.0", "id": msg_id, "method": 5, "params": {}}).encode())
+            self.expect(msg_id, "non-string method", "error")
+        elif roll == 5:  # extra headers, as some clients send
+            msg_id = self.pipe.next_id()
+            self.pipe.send_body(json.dumps({"jsonrpc": "2.0", "id": msg_id, "method": "parafill/status"}).encode(),
+                                extra_headers=b"Content-Type: application/vscode-jsonrpc; charset=utf-8\r\n")
+            self.expect(msg_id, "status with extra headers", "result", check=self.check_status)
+        elif roll == 6:  # a change to a document that was never opened
+            self.pipe.notify("textDocument/didChange", {"textDocument": {"uri": self.new_uri(), "version": 3},
+                                                        "contentChanges": [{"text": "x"}]})
+        elif roll == 7:  # invalid params in a notification: nothing to answer, nothing may change
+            uri = self.any_document()
+            self.pipe.notify("textDocument/didChange", {
+                "textDocument": {"uri": uri, "version": 10**6},
+                "contentChanges": [{"range": {"start": {"line": -1, "character": 0},
+                                              "end": {"line": 0, "character": 0}}, "text": "never applied"}]})
+        else:  # a response to a request the server never sent
+            self.pipe.send({"jsonrpc": "2.0", "id": "no-such-request", "result": {"x": 1}})
+        self.status_request()  # the server must still answer
+
+    def op_oversized(self) -> None:
+        """A 4 MB request to an unknown method, then a 4 MB whole-document edit."""
+        msg_id = self.pipe.request("parafill/noSuchThing", {"blob": "x" * (4 << 20)})
+        self.expect(msg_id, "oversized unknown method", str(METHOD_NOT_FOUND))
+        uri = self.any_document()
+        new = ("y = 1  # " + "z" * 90 + "\n") * (4 << 20 >> 7)
+        self.change(uri, [{"text": new}], new)
+        self.completion_request(uri, self.random_position(new, out_of_range=False), inline=True)
+        self.change(uri, [{"text": "small again\n"}], "small again\n")
+
+    def op_huge_document(self) -> None:
+        """A 10 MB document: open, edit, ask, check, close."""
+        line = "value = compute(alpha, beta)  # " + "é" * 10 + "\n"
+        text = line * ((10 << 20) // len(line.encode("utf-8")))
+        uri = self.new_uri()
+        self.open(uri, text)
+        self.op_edit_in(uri)
+        self.completion_request(uri, self.random_position(self.state.documents[uri], out_of_range=False), inline=True)
+        self.check_view(uri)
+        self.collect(wait=True)
+        self.close(uri)
+
+    def op_long_lines(self) -> None:
+        """1 MB lines, with NULs and control characters inside."""
+        text = "s = '" + ("ab\x00c\x01" * (1 << 18)) + "'\n" + "t = " + "q" * (1 << 20)
+        uri = self.new_uri()
+        self.open(uri, text)
+        for _ in range(2):
+            self.op_edit_in(uri)
+            self.completion_request(uri, self.random_position(self.state.documents[uri], out_of_range=False),
+                                    inline=self.rng.random() < 0.5)
+        self.check_view(uri)
+        self.collect(wait=True)
+        self.close(uri)
+
+    def op_edit_in(self, uri: str) -> None:
+        text = self.state.documents[uri]
+        a = valid_offset(text, self.rng.randint(0, len(text)))
+        new = random_text(self.rng, 3)
+        line, character = position_of(text, a)
+        self.change(uri, [{"range": {"start": {"line": line, "character": character},
+                                     "end": {"line": line, "character": character}}, "text": new}],
+                    text[:a] + new + text[a:])
+
+    def status_request(self) -> None:
+        msg_id = self.pipe.request("parafill/status", {})
+        self.expect(msg_id, "status", "result", check=self.check_status)
+
+    @staticmethod
+    def check_status(result: Any) -> str | None:
+        if not isinstance(result, dict) or result.get("state") not in ("ready", "loading", "error"):
+            return f"status is not a status report: {result!r:.200}"
+        if result.get("state") != "ready":
+            return f"model not ready: {result.get('message')}"
+        return None
+
+    def check_view(self, uri: str | None = None) -> None:
+        """Compare the server's copy of a document with ours via clamped out-of-range positions.
+
+        A completion range starts at the cursor the server clamped into its own copy:
+        past the end of a line → that line's end; past the last line → the document's end.
+        The answer only tells when the model offers an item; otherwise it counts as unverified.
+        """
+        self.collect(wait=True)  # nothing else in flight: the copies must agree now
+        uri = uri or self.any_document()
+        text = self.state.documents[uri]
+        starts = line_starts(text)
+        probes = [(len(starts) + 3, 0), (self.rng.randrange(len(starts)), 10**7)]
+        for line, character in probes:
+            if line >= len(starts):
+                expected = (len(starts) - 1, utf16_len(text[starts[-1]:]))
+            else:
+                expected = (line, utf16_len(text[starts[line]:line_content_end(text, starts, line)]))
+            inline = self.rng.random() < 0.5
+            shown = repr(text[starts[expected[0]]:line_content_end(text, starts, expected[0])][-60:])
+            msg_id = self.completion_request(
+                uri, {"line": line, "character": character}, inline=inline,
+                check=lambda result, e=expected, i=inline, s=shown: self.check_range(result, e, i, s))
+            self.collect(wait=True) if msg_id in self.state.pending else None
+
+    def check_range(self, result: Any, expected: tuple[int, int], inline: bool, shown: str = "") -> str | None:
+        problem = self.check_items(result)
+        if problem:
+            return problem
+        if not result["items"]:
+            self.state.view_unverified += 1
+            return None
+        item = result["items"][0]
+        rng = item["range"] if inline else item["textEdit"]["range"]
+        got = (rng["start"]["line"], rng["start"]["character"])
+        self.state.view_checks += 1
+        if inline and "range" not in item:
+            return "inline item without a range"
+        if got != expected:
+            return (f"the server's copy of the document differs from the client's: cursor clamped to {got}, "
+                    f"expected {expected} (line {expected[0]} is {shown})")
+        return None
+
+    def op_view_check(self) -> None:
+        self.check_view()
+
+    def run(self, n: int, *, on_step: Callable[[int], None] = lambda i: None) -> None:
+        self.status_request()
+        self.collect(wait=True)
+        for _ in range(3):
+            self.op_open()
+        weights = {
+            self.op_incremental_edit: 20, self.op_typing_burst: 8, self.op_full_edit: 4, self.op_open: 3,
+            lambda: self.op_complete(True): 18, lambda: self.op_complete(False): 8, self.op_cancel: 8,
+            self.op_close_in_flight: 4, self.op_unknown: 4, self.op_invalid_params: 6, self.op_malformed: 5,
+            self.op_view_check: 6, self.status_request: 2,
+        }
+        ops, cumulative = list(weights), list(weights.values())
+        # The big ones at fixed points in each half, so both halves of the memory profile see them.
+        big = {int(n * f): op for f, op in ((0.1, self.op_huge_document), (0.15, self.op_long_lines),
+                                            (0.2, self.op_oversized), (0.6, self.op_huge_document),
+                                            (0.65, self.op_long_lines), (0.7, self.op_oversized))}
+        for i in range(n):
+            op = big.get(i) or self.rng.choices(ops, cumulative)[0]
+            name = getattr(op, "__name__", "op_complete")
+            self.state.ops[name.removeprefix("op_")] += 1
+            began = time.monotonic()
+            op()
+            self.state.op_seconds[name.removeprefix("op_")] += time.monotonic() - began
+            self.collect(wait=len(self.state.pending) > 16)
+            if not self.pipe.alive():
+                self.fail(f"the server exited (code {self.pipe.proc.returncode}) during operation {i} ({name})")
+                return
+            on_step(i)
+        self.collect(wait=True)
+        for uri in sorted(self.state.documents):
+            self.check_view(uri)
+        self.status_request()
+        self.collect(wait=True)
+
+
+def run_soak(
+    n: int,
+    seed: int = 0,
+    model_dir: str | Path | None = None,
+    *,
+    device: str = "cpu",
+    settings: dict | None = None,
+    answer_timeout_s: float = 60.0,
+    rss_growth_limit_mb: float = 64.0,
+    server_argv: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    work_dir: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Run N random operations against a fresh `python -m lsp_server serve`; returns the report.
+
+    model_dir None builds a tiny random model in a temporary directory (the soak
+    tests the server, not the model). `report["failures"]` is empty on success.
+    """
+    with tempfile.TemporaryDirectory(prefix="parafill-soak-") as scratch:
+        scratch_path = Path(scratch)
+        if model_dir is None:
+            from denoiser.tiny import make_tiny_model  # only here: the soak itself needs no torch
+
+            model_dir = make_tiny_model(scratch_path / "tiny-model")
+        options = {"parafill": {**SOAK_SETTINGS, **(settings or {}), "model": str(model_dir)}}
+        argv = server_argv or [sys.executable, "-m", "lsp_server", "serve", "--device", device,
+                               "--log-level", "info", "--log-file", str(scratch_path / "server.log")]
+        run_env = dict(env or os.environ)
+        run_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), run_env.get("PYTHONPATH")]))
+        pipe = LspPipe(argv, run_env, scratch_path / "stderr.txt", cwd=str(work_dir or scratch_path),
+                       configuration=options["parafill"])
+        soak = Soak(pipe, random.Random(seed), answer_timeout_s=answer_timeout_s)
+        rss: list[tuple[int, int]] = []
+        started = time.monotonic()
+        exit_code = None
+        try:
+            init = pipe.request("initialize", {
+                "processId": os.getpid(), "rootUri": None, "initializationOptions": options,
+                "capabilities": {"window": {"workDoneProgress": True},
+                                 "textDocument": {"inlineCompletion": {}, "completion": {},
+                                                  "synchronization": {"didSave": False}},
+                                 "general": {"positionEncodings": ["utf-16"]}}})
+            answer = pipe.wait_for(init, answer_timeout_s)
+            if answer is None or "result" not in answer:
+                soak.fail(f"initialize failed: {answer!r:.300}")
+            else:
+                pipe.notify("initialized", {})
+                _wait_ready(pipe, answer_timeout_s * 2, soak)
+                ready_at = time.monotonic()
+
+                def on_step(i: int) -> None:
+                    kb = pipe.rss_kb()
+                    if kb is not None:
+                        rss.append((i, kb))
+                    if progress and (i + 1) % max(1, n // 20) == 0:
+                        progress(f"{i + 1}/{n} operations, {len(soak.state.failures)} failures, "
+                                 f"RSS {kb / 1024 if kb else 0:.0f} MB")
+
+                if not soak.state.failures:
+                    soak.run(n, on_step=on_step)
+                duration = time.monotonic() - ready_at
+        finally:
+            alive_at_end = pipe.alive()
+            exit_code = pipe.close()
+        total = time.monotonic() - started
+        stderr_text = (scratch_path / "stderr.txt").read_text(errors="replace")
+        log_text = (scratch_path / "server.log").read_text(errors="replace") if (scratch_path / "server.log").exists() else ""
+
+    state = soak.state
+    if not alive_at_end:
+        soak.fail(f"the server was not running at the end (exit code {pipe.proc.returncode})")
+    if exit_code != 0:
+        soak.fail(f"shutdown/exit did not end the server cleanly (exit code {exit_code})")
+    if pipe.read_error:
+        soak.fail(f"the server's output could not be read: {pipe.read_error}")
+    for text in pipe.traceback_messages[:5]:
+        soak.fail(f"a traceback reached the client: {text[:300]}")
+    memory = _memory_figures(rss, rss_growth_limit_mb)
+    if memory.get("growing"):
+        soak.fail(f"resident memory still grows: first half max {memory['first_half_max_mb']} MB, "
+                  f"second half max {memory['second_half_max_mb']} MB")
+    latencies = sorted(state.latencies_ms)
+
+    def pct(p: int) -> float | None:
+        return round(latencies[min(len(latencies) - 1, int(len(latencies) * p / 100))], 1) if latencies else None
+
+    return {
+        "operations": n,
+        "seed": seed,
+        "duration_s": round(locals().get("duration", total), 2),
+        "total_s": round(total, 2),
+        "failures": state.failures,
+        "ops": dict(state.ops),
+        "op_seconds": {k: round(v, 2) for k, v in state.op_seconds.most_common()},
+        "answers": dict(state.answers),
+        "latency_ms": {"p50": pct(50), "p99": pct(99), "max": pct(100)},
+        "items": state.items,
+        "view_checks": state.view_checks,
+        "view_unverified": state.view_unverified,
+        "notifications": dict(pipe.notifications),
+        "memory": memory,
+        "exit_code": exit_code,
+        "server_log_tracebacks": len(TRACEBACK.findall(stderr_text + log_text)),
+        "bytes_received": pipe.bytes_received,
+    }
+
+
+def _wait_ready(pipe: LspPipe, timeout: float, soak: Soak) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        answer = pipe.wait_for(pipe.request("parafill/status", {}), timeout)
+        state = (answer or {}).get("result", {}).get("state")
+        if state == "ready":
+            return
+        if state == "error" or not pipe.alive():
+            soak.fail(f"the model did not load: {(answer or {}).get('result', {}).get('message')}")
+            return
+        time.sleep(0.2)
+    soak.fail(f"the model was not ready after {timeout:.0f} s")
+
+
+def _memory_figures(rss: list[tuple[int, int]], limit_mb: float) -> dict:
+    """Peak RSS of each half of the run; growing if the second half's peak passes the first's by more
+    than limit_mb (or 10%): bounded caches flatten out, leaks keep climbing."""
+    if len(rss) < 4:
+        return {"samples": len(rss)}
+    half = len(rss) // 2
+    first = max(kb for _, kb in rss[:half]) / 1024
+    second = max(kb for _, kb in rss[half:]) / 1024
+    allowed = max(limit_mb, 0.1 * first)
+    return {"samples": len(rss), "first_half_max_mb": round(first, 1), "second_half_max_mb": round(second, 1),
+            "end_mb": round(rss[-1][1] / 1024, 1), "growth_mb": round(second - first, 1),
+            "allowed_growth_mb": round(allowed, 1), "growing": second - first > allowed}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parafill bench --soak",
+                                     description="Replay N random editor operations against a real parafill server.")
+    parser.add_argument("--soak", "-n", type=int, dest="n", default=None, metavar="N", help="operations (e.g. 10000)")
+    parser.add_argument("count", nargs="?", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", metavar="DIR", default=None,
+                        help="model directory (default: a tiny random model, so the run measures the server)")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds each request may take (default 60)")
+    parser.add_argument("--json", metavar="PATH", help="also write the report here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, _ = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    n = args.n if args.n is not None else args.count
+    if not n or n < 1:
+        print("parafill: error: --soak N needs a positive number of operations, e.g. --soak 10000", file=sys.stderr)
+        return 2
+    report = run_soak(n, args.seed, args.model, device=args.device, answer_timeout_s=args.timeout,
+                      progress=lambda line: print(f"soak: {line}", file=sys.stderr, flush=True))
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n", encoding="utf-8")
+    failures = report["failures"]
+    print(f"soak: {n} operations in {report['duration_s']} s, {len(failures)} failures", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
