@@ -128,7 +128,9 @@ local function scenario_accept()
   end
 
   local attempts = vim.json.decode(env('PARAFILL_E2E_ATTEMPTS', '[{"line": 1, "keys": "A"}]'))
-  for index, attempt in ipairs(attempts) do
+
+  -- Enter insert mode as `attempt` says and wait for a reply; the items, or nil.
+  local function try(attempt, label)
     vim.api.nvim_win_set_cursor(0, { attempt.line, 0 })
     local replies_before = #replies
     vim.api.nvim_input(attempt.keys)
@@ -138,35 +140,69 @@ local function scenario_accept()
     end, 10000)
     local reply = replies[#replies]
     local items = reply and reply.result and (reply.result.items or reply.result) or {}
-    log(('attempt %d (line %d, keys %q): reply=%s items=%d'):format(
-      index, attempt.line, attempt.keys, tostring(ok), #items))
+    log(('%s (line %d, keys %q): reply=%s items=%d'):format(
+      label, attempt.line, attempt.keys, tostring(ok), #items))
     if ok and #items > 0 then
       wait_for('ghost text', function() return parafill.suggestion_visible(bufnr) end, 3000)
-      report.attempt = attempt
-      report.request = reply.params
-      report.item = items[1]
-      report.ghost_text = parafill.visible_text(bufnr)
-      report.cursor_before = vim.api.nvim_win_get_cursor(0)
-      report.lines_before = vim.api.nvim_buf_get_lines(bufnr, 0, -1, false)
-      local tick = vim.api.nvim_buf_get_changedtick(bufnr)
-      log('ghost text shown: ' .. vim.inspect(report.ghost_text))
-      -- Accept with the plugin's keymap, as a user would type it.
-      vim.api.nvim_input(parafill.options.keymaps.accept)
-      wait_for('the buffer to change after accepting', function()
-        return vim.api.nvim_buf_get_changedtick(bufnr) ~= tick
-      end, 3000)
-      sleep(100)
-      report.lines_after = vim.api.nvim_buf_get_lines(bufnr, 0, -1, false)
-      report.cursor_after = vim.api.nvim_win_get_cursor(0)
-      report.mode_after = vim.api.nvim_get_mode().mode
-      report.ghost_after = parafill.visible_text(bufnr)
-      log('accepted')
-      return
+      return reply, items
     end
     vim.api.nvim_input('<Esc>')
     wait_for('normal mode', function() return vim.api.nvim_get_mode().mode == 'n' end, 2000)
   end
-  error('no attempt produced an inline completion item', 0)
+
+  local chosen, reply, items
+  for index, attempt in ipairs(attempts) do
+    reply, items = try(attempt, 'attempt ' .. index)
+    if reply then
+      chosen = attempt
+      break
+    end
+  end
+  if not chosen then
+    error('no attempt produced an inline completion item', 0)
+  end
+
+  -- Dismiss with the plugin's keymap: the ghost text goes, the buffer stays.
+  local tick = vim.api.nvim_buf_get_changedtick(bufnr)
+  report.dismiss = { ghost_before = parafill.visible_text(bufnr) }
+  vim.api.nvim_input(parafill.options.keymaps.dismiss)
+  wait_for('the ghost text to go after dismissing', function()
+    return not parafill.suggestion_visible(bufnr)
+  end, 3000)
+  sleep(300) -- a late reply or redraw must not bring it back
+  report.dismiss.ghost_after = parafill.visible_text(bufnr)
+  report.dismiss.buffer_changed = vim.api.nvim_buf_get_changedtick(bufnr) ~= tick
+  report.dismiss.mode = vim.api.nvim_get_mode().mode
+  log('dismissed')
+  vim.api.nvim_input('<Esc>')
+  wait_for('normal mode', function() return vim.api.nvim_get_mode().mode == 'n' end, 2000)
+
+  -- Ask again at the same place (the server may answer from its cache) and accept.
+  reply, items = try(chosen, 'again')
+  if not reply then
+    error('no inline completion the second time at the same position', 0)
+  end
+  report.attempt = chosen
+  report.request = reply.params
+  report.item = items[1]
+  report.ghost_text = parafill.visible_text(bufnr)
+  report.cursor_before = vim.api.nvim_win_get_cursor(0)
+  report.lines_before = vim.api.nvim_buf_get_lines(bufnr, 0, -1, false)
+  tick = vim.api.nvim_buf_get_changedtick(bufnr)
+  log('ghost text shown: ' .. vim.inspect(report.ghost_text))
+  -- Accept with the plugin's keymap, as a user would type it.
+  vim.api.nvim_input(parafill.options.keymaps.accept)
+  wait_for('the buffer to change after accepting', function()
+    return vim.api.nvim_buf_get_changedtick(bufnr) ~= tick
+  end, 3000)
+  sleep(100)
+  report.lines_after = vim.api.nvim_buf_get_lines(bufnr, 0, -1, false)
+  report.cursor_after = vim.api.nvim_win_get_cursor(0)
+  report.mode_after = vim.api.nvim_get_mode().mode
+  report.ghost_after = parafill.visible_text(bufnr)
+  local status = request(client, 'parafill/status', {})
+  report.status_after = status.result
+  log('accepted; ' .. parafill.format_status(status.result))
 end
 
 -- A broken setup: wrong-typed options and a server that dies at once, opened

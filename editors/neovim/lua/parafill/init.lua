@@ -286,17 +286,27 @@ function M.format_status(status)
   if type(status) ~= 'table' then
     return 'no status'
   end
+  -- JSON null arrives as vim.NIL; treat it as absent.
+  local function value(v)
+    if v == vim.NIL then
+      return nil
+    end
+    return v
+  end
   local latency = type(status.latency) == 'table' and status.latency or {}
+  latency = { p50 = value(latency.p50), p90 = value(latency.p90), p99 = value(latency.p99) }
   local parts = {
-    ('model %s'):format(tostring(status.model or '?')),
-    ('device %s'):format(tostring(status.device or '?')),
-    ('state %s'):format(tostring(status.state or '?')),
+    ('model %s'):format(tostring(value(status.model) or '?')),
+    ('device %s'):format(tostring(value(status.device) or '?')),
+    ('state %s'):format(tostring(value(status.state) or '?')),
   }
   if latency.p50 then
     table.insert(parts, ('latency p50 %s ms, p90 %s ms, p99 %s ms'):format(
       tostring(latency.p50), tostring(latency.p90 or '?'), tostring(latency.p99 or '?')))
+  elseif value(status.message) then
+    table.insert(parts, tostring(status.message))
   end
-  if status.cacheHitRate then
+  if value(status.cacheHitRate) then
     table.insert(parts, ('cache hit rate %s'):format(tostring(status.cacheHitRate)))
   end
   return table.concat(parts, ' | ')
