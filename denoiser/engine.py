@@ -4,13 +4,15 @@ Answers come from the fastest source that is exact (DESIGN.md, "Caches"):
 1. typed-ahead: the user typed the start of the last suggestion → its remainder;
 2. the completion cache (LRU + TTL) keyed by what the model would see;
 3. the backend, whose own context K/V cache makes a keystroke cheap.
-One lock serialises backend use, so `complete` is safe from any thread (the
-server calls it from one worker thread, never on the event loop). A CUDA
+`complete` is safe from any thread (the server calls it from its worker,
+never on the event loop): one lock serialises a backend, unless it batches
+concurrent requests itself (`concurrent_fill`, the native backend). A CUDA
 fault is retried down a list of fallbacks and counted. This module knows no
 tokens, tensors of the model or LSP.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -152,9 +154,13 @@ class Engine:
         def fill(backend: Backend, req: FimRequest) -> FillResult:
             return backend.fill(req, decode, document=document, is_cancelled=is_cancelled)
 
-        with self._backend_lock:
+        backend = self.backend
+        # A backend that batches concurrent requests (NativeBackend) is called
+        # without the lock, so requests from several threads share its steps.
+        concurrent = getattr(backend, "concurrent_fill", False)
+        with contextlib.nullcontext() if concurrent else self._backend_lock:
             try:
-                return fill(self.backend, request)
+                return fill(backend, request)
             except Cancelled:
                 self._count("cancelled")
                 raise
@@ -162,7 +168,11 @@ class Engine:
                 if not is_device_fault(exc):
                     self._record_error(exc)
                     raise
-                return self._recover(exc, request, fill)
+                if not concurrent:
+                    return self._recover(exc, request, fill)
+                fault = exc
+        with self._backend_lock:
+            return self._recover(fault, request, fill)
 
     def _recover(self, exc: BaseException, request: FimRequest, fill: Callable) -> FillResult:
         """Called with the backend lock held, after a device fault."""
@@ -231,6 +241,7 @@ class Engine:
             self.backend.forget(document)
 
     def status(self) -> dict:
+        batching = getattr(self.backend, "batching_stats", None)
         with self._state_lock:
             counts = dict(self._counts)
             answered = counts["model"] + counts["completion_cache"] + counts["typed_ahead"]
@@ -256,4 +267,5 @@ class Engine:
                 "errors": counts["errors"],
                 "fallbacks": counts["fallbacks"],
                 "last_error": self.last_error,
+                **({"batching": batching()} if batching else {}),
             }

@@ -9,18 +9,23 @@ engine does).
 """
 from __future__ import annotations
 
+import logging
 import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from denoiser.backend import DecodeSettings, FillResult, ModelLoadError
+from denoiser.batching import DEFAULT_MAX_BATCH, SpanBatcher
 from denoiser.checkpoint import load_native_model
 from denoiser.examples import context_ids
 from denoiser.kv_cache import ContextKVCache
-from denoiser.sampler import denoise_span
 from fim.request import FimRequest
+
+log = logging.getLogger(__name__)
 
 SPAN_BUCKETS = (16, 32, 64, 128)
 # A span that ends full of content may grow once; never past this many tokens.
@@ -77,8 +82,16 @@ def needs_more_span(text: str, mode: str) -> bool:
     return mode == "block" or "\n" not in text
 
 
+def cuda_graphs_wanted(device: torch.device) -> bool:
+    """CUDA graphs for the step: on CUDA unless PARAFILL_CUDA_GRAPHS=0."""
+    return device.type == "cuda" and os.environ.get("PARAFILL_CUDA_GRAPHS", "1").strip() not in ("0", "false", "no")
+
+
 class NativeBackend:
     """A native parafill model directory, on one device, with a per-document context cache."""
+
+    # The engine may call fill from several threads at once (dynamic batching).
+    concurrent_fill = True
 
     def __init__(
         self,
@@ -89,6 +102,8 @@ class NativeBackend:
         max_documents: int = 8,
         max_total_span_tokens: int = MAX_TOTAL_SPAN_TOKENS,
         max_context_tokens: int | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        cuda_graphs: bool | None = None,
         progress: Callable[[str, int], None] | None = None,
     ):
         self.model_dir = Path(model_dir)
@@ -107,6 +122,39 @@ class NativeBackend:
         room = min(self.config.max_positions - max_total_span_tokens, self.config.context_tokens)
         self.max_context_tokens = min(max_context_tokens or room, room)
         self.context_cache = ContextKVCache(self.model, max_documents=max_documents, device=self.device, dtype=self.dtype)
+        self._cache_lock = threading.Lock()  # the context cache's entries and their prefill
+        self._documents_lock = threading.Lock()
+        self._document_locks: dict[str, list] = {}  # document -> [lock, holders]
+        self.batcher = self._make_batcher(max_batch, cuda_graphs_wanted(self.device) if cuda_graphs is None else cuda_graphs)
+
+    def _make_batcher(self, max_batch: int, cuda_graphs: bool) -> SpanBatcher:
+        # Tokens the tokenizer cannot decode (the config may pad the vocabulary) are never written.
+        options = dict(device=self.device, dtype=self.dtype, vocab_limit=self.tokenizer.vocab_size, max_batch=max_batch)
+        if cuda_graphs:
+            if self.device.type != "cuda":
+                raise ValueError("cuda_graphs=True needs a CUDA device")
+            from denoiser.step_graph import GraphStep
+
+            # Graphs read fixed addresses: one context K/V tensor per span bucket, never reallocated.
+            capacity = min(self.config.max_positions, self.max_context_tokens + self.max_total_span_tokens)
+            return SpanBatcher(self.model, step_runner=GraphStep(max_batch=max_batch), fixed_capacity=capacity,
+                               **options)
+        return SpanBatcher(self.model, **options)
+
+    @contextmanager
+    def _document_turn(self, document: str):
+        """Requests for one document take turns: its cached K/V changes between them."""
+        with self._documents_lock:
+            entry = self._document_locks.setdefault(document, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._documents_lock:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    self._document_locks.pop(document, None)
 
     def moved_to(self, device: str | torch.device) -> "NativeBackend":
         """The same model directory on another device (the engine's fallback after a CUDA fault)."""
@@ -116,6 +164,7 @@ class NativeBackend:
             max_documents=self.context_cache.max_documents,
             max_total_span_tokens=self.max_total_span_tokens,
             max_context_tokens=self.max_context_tokens,
+            max_batch=self.batcher.max_batch,
         )
 
     def context_ids(self, request: FimRequest) -> list[int]:
@@ -130,22 +179,25 @@ class NativeBackend:
         is_cancelled: Callable[[], bool] = lambda: False,
     ) -> FillResult:
         ids = self.context_ids(request)
-        slot = self.context_cache.prepare(document, ids)
         span_len = span_bucket(request.span.max_tokens)
-        # Tokens the tokenizer cannot decode (the config may pad the vocabulary) are never written.
-        vocab_limit = self.tokenizer.vocab_size
-        result = denoise_span(self.model, slot.kv, slot.length, span_len, decode, is_cancelled, vocab_limit=vocab_limit)
-        middle, steps = list(result.tokens), result.steps
-        if not result.ended and span_len * 2 <= self.max_total_span_tokens:
-            if needs_more_span(self.tokenizer.decode(middle), request.span.mode):
-                # Simplest exact way to write on: the committed span becomes context
-                # (the model also learnt middle tokens causally), then a fresh span follows.
-                grown = self.context_cache.extend(document, middle)
-                more = denoise_span(
-                    self.model, grown.kv, grown.length, span_len, decode, is_cancelled, vocab_limit=vocab_limit
-                )
-                middle += more.tokens
-                steps += more.steps
+        with self._document_turn(document):
+            with self._cache_lock:
+                slot = self.context_cache.prepare(document, ids)
+            # Another document's prefill may evict this entry meanwhile; the batch keeps its K/V alive.
+            result = self.batcher.denoise(slot.kv, slot.length, span_len, decode, is_cancelled)
+            middle, steps = list(result.tokens), result.steps
+            if not result.ended and span_len * 2 <= self.max_total_span_tokens:
+                if needs_more_span(self.tokenizer.decode(middle), request.span.mode):
+                    # Simplest exact way to write on: the committed span becomes context
+                    # (the model also learnt middle tokens causally), then a fresh span follows.
+                    with self._cache_lock:
+                        if document in self.context_cache:
+                            grown = self.context_cache.extend(document, middle)
+                        else:  # evicted by other documents meanwhile: rebuild it (exact, just slower)
+                            grown = self.context_cache.prepare(document, ids + middle)
+                    more = self.batcher.denoise(grown.kv, grown.length, span_len, decode, is_cancelled)
+                    middle += more.tokens
+                    steps += more.steps
         return FillResult(
             text=self.tokenizer.decode(middle),
             tokens=len(middle),
@@ -155,4 +207,13 @@ class NativeBackend:
         )
 
     def forget(self, document: str) -> None:
-        self.context_cache.forget(document)
+        with self._document_turn(document), self._cache_lock:
+            self.context_cache.forget(document)
+
+    def clear(self) -> None:
+        """Drop every cached context (the engine frees device memory after a fault)."""
+        with self._cache_lock:
+            self.context_cache.clear()
+
+    def batching_stats(self) -> dict:
+        return self.batcher.stats()
