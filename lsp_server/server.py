@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -28,6 +29,7 @@ from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.json_rpc import JsonRPCRequestMessage
 from pygls.protocol.language_server import lsp_method
+from pygls.workspace import TextDocument, Workspace
 
 from fim import resolve_language
 from lsp_server.logs import set_verbose
@@ -52,14 +54,62 @@ class _Rejected:
         return "<rejected request>"
 
 
+MAX_POSITION = 2**31 - 1  # LSP's uinteger
+
+
+def _strict_position(value: Any, _type: Any) -> types.Position:
+    # lsprotocol's converter turns "3" into 3, 1.5 into 1 and True into 1; a
+    # position the client got that wrong is InvalidParams, not a guess.
+    if not isinstance(value, dict):
+        raise TypeError("a position must be an object with line and character")
+    for name in ("line", "character"):
+        number = value.get(name)
+        if type(number) is not int or not 0 <= number <= MAX_POSITION:
+            raise ValueError(f"position.{name} must be a whole number from 0 to {MAX_POSITION}")
+    return types.Position(line=value["line"], character=value["character"])
+
+
+def _strict_document_id(value: Any, _type: Any) -> types.TextDocumentIdentifier:
+    if not isinstance(value, dict) or not isinstance(value.get("uri"), str):
+        raise TypeError("textDocument.uri must be a string")  # not 42 read as "42"
+    return types.TextDocumentIdentifier(uri=value["uri"])
+
+
+_LSP_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
+
+
+class LspLinesDocument(TextDocument):
+    """pygls splits lines with `str.splitlines`, which also breaks at form feed,
+    U+2028, \\x1c-\\x1e and \\x85; LSP lines end at \\r\\n, \\r and \\n only, so an
+    incremental edit after such a character landed on the wrong line and the
+    server's copy drifted from the editor's (found by `parafill bench --soak`)."""
+
+    @property
+    def lines(self):
+        return tuple(_LSP_LINE.findall(self.source))
+
+
+class LspLinesWorkspace(Workspace):
+    def _create_text_document(self, doc_uri, source=None, version=None, language_id=None):
+        return LspLinesDocument(doc_uri, source=source, version=version, language_id=language_id,
+                                sync_kind=self._sync_kind, position_codec=self._position_codec)
+
+
 class ParafillProtocol(LanguageServerProtocol):
-    """pygls's protocol with two fixes this server relies on."""
+    """pygls's protocol with the fixes this server relies on."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._converter.register_structure_hook(types.Position, _strict_position)
+        self._converter.register_structure_hook(types.TextDocumentIdentifier, _strict_document_id)
 
     def structure_message(self, data: dict[str, Any]):
         # pygls 2.1.1 raises inside the JSON reader when a request's params do not
         # match their type (a negative line, a string for a number), and the
         # request is never answered; answer it with InvalidParams instead.
         if "jsonrpc" in data and "id" in data and "method" in data and "error" not in data:
+            if "params" not in data:  # JSON-RPC lets a request omit params
+                data = {**data, "params": None}
             message_type = self.get_message_type(data["method"]) or JsonRPCRequestMessage
             try:
                 return self._converter.structure(data, message_type)
@@ -84,7 +134,9 @@ class ParafillProtocol(LanguageServerProtocol):
         general = params.capabilities.general
         if general is not None and general.position_encodings is not None:
             general.position_encodings = [types.PositionEncodingKind.Utf16]
-        return (yield from super().lsp_initialize(params))
+        result = yield from super().lsp_initialize(params)
+        self._workspace.__class__ = LspLinesWorkspace  # pygls has no hook for its document class
+        return result
 
 
 def _validation_details(exc: Exception) -> str:
@@ -121,6 +173,26 @@ class ParafillServer(LanguageServer):
         self.settings = settings
         set_verbose(settings.verbose_logging)
         return problems
+
+    def change_settings(self, raw: Any) -> None:
+        before = self.model_choice()
+        self.warn(self.apply_settings(raw))
+        if self.model_choice() != before and self.worker.state != "idle":
+            self.spawn(self.load_model())
+
+    async def pull_configuration(self) -> None:
+        """`workspace/configuration` for clients that send a change without the values."""
+        workspace = self.client_capabilities.workspace if self.client_capabilities else None
+        if not (workspace and workspace.configuration):
+            return
+        try:
+            items = [types.ConfigurationItem(section="parafill")]
+            reply = await asyncio.wait_for(
+                self.workspace_configuration_async(types.ConfigurationParams(items=items)), timeout=5)
+        except Exception as exc:
+            log.info("workspace/configuration failed: %s", exc)
+            return
+        self.change_settings(reply[0] if reply else None)
 
     def warn(self, problems: list[str]) -> None:
         for problem in problems:
@@ -266,23 +338,12 @@ def create_server(model: str | None = None, device: str = "auto") -> ParafillSer
         ls.spawn(ls.load_model())
 
     @ls.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
-    async def did_change_configuration(ls: ParafillServer, params: types.DidChangeConfigurationParams) -> None:
-        raw = params.settings
-        if raw is None or raw == {}:
-            workspace = ls.client_capabilities.workspace if ls.client_capabilities else None
-            if not (workspace and workspace.configuration):
-                return
-            try:
-                items = [types.ConfigurationItem(section="parafill")]
-                raw = (await asyncio.wait_for(
-                    ls.workspace_configuration_async(types.ConfigurationParams(items=items)), timeout=5))[0]
-            except Exception as exc:
-                log.info("workspace/configuration failed: %s", exc)
-                return
-        before = ls.model_choice()
-        ls.warn(ls.apply_settings(raw))
-        if ls.model_choice() != before and ls.worker.state != "idle":
-            ls.spawn(ls.load_model())
+    def did_change_configuration(ls: ParafillServer, params: types.DidChangeConfigurationParams) -> None:
+        # Synchronous, so the settings hold for the very next request.
+        if params.settings is None or params.settings == {}:
+            ls.spawn(ls.pull_configuration())
+        else:
+            ls.change_settings(params.settings)
 
     @ls.feature(types.TEXT_DOCUMENT_DID_OPEN)
     def did_open(ls: ParafillServer, params: types.DidOpenTextDocumentParams) -> None:

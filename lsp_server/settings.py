@@ -99,7 +99,7 @@ _CHECKS = {
 
 def unwrap(raw: Any) -> Any:
     """`{"parafill": {...}}` → `{...}`; anything else unchanged."""
-    if isinstance(raw, dict) and isinstance(raw.get(SECTION), dict):
+    if isinstance(raw, dict) and SECTION in raw:
         return raw[SECTION]
     return raw
 
