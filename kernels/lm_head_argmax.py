@@ -171,7 +171,7 @@ def lm_head_argmax_triton(hidden: Tensor, norm_weight: Tensor, eps: float, embed
         NUM_SPLITS=num_splits, HAS_BANNED=banned is not None,
         BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k,
         BLOCK_B=max(2, next_power_of_2(0 if banned is None else banned.numel())),
-        PRECISION="ieee" if embed_weight.dtype == torch.float32 else "tf32",
+        PRECISION="tf32x3" if embed_weight.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=2,
     )
     # Combine the chunks. argmax takes the first (lowest-id) chunk among equal maxima.
