@@ -196,11 +196,12 @@ def span_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_span
     b, _, span, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     if isinstance(ctx_len, Tensor):
-        lens = _ctx_lens(ctx_len, b, capacity, q.device).to(torch.long)
-        n = capacity
-        valid = torch.arange(capacity + span, device=q.device).view(1, -1) < lens.view(-1, 1).clamp(max=capacity)
-        valid[:, capacity:] = True
-        mask = valid.view(b, 1, 1, capacity + span)
+        lens = _ctx_lens(ctx_len, b, capacity, q.device).to(torch.long).clamp(0, capacity)
+        # Read only up to the longest context (a host sync, fine for the fallback), mask the rest.
+        n = int(lens.max())
+        valid = torch.arange(n + span, device=q.device).view(1, -1) < lens.view(-1, 1)
+        valid[:, n:] = True
+        mask = valid.view(b, 1, 1, n + span)
     else:
         _ctx_lens(ctx_len, b, capacity, "cpu")  # range check only
         n, mask = ctx_len, None
