@@ -24,7 +24,7 @@ from kernels.rmsnorm import rms_norm_reference
 from kernels.triton_launch import multiprocessor_count, next_power_of_2, should_use_triton, tl, triton_kernel
 
 # A vocabulary chunk smaller than this is not worth its own program.
-MIN_VOCAB_CHUNK = 512
+MIN_VOCAB_CHUNK = 128
 MAX_SPLITS = 256
 
 

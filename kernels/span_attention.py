@@ -38,7 +38,7 @@ from kernels.triton_launch import multiprocessor_count, next_power_of_2, should_
 
 LOG2_E = 1.4426950408889634
 # A context chunk shorter than this is not worth its own program and partial row.
-MIN_CHUNK = 256
+MIN_CHUNK = 128
 MAX_SPLITS = 64
 
 
