@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -612,29 +613,32 @@ class Soak:
     def op_view_check(self) -> None:
         self.check_view()
 
-    def run(self, n: int, *, on_step: Callable[[int], None] = lambda i: None) -> None:
+    def run(self, n: int, *, big_rounds: int = 1, on_step: Callable[[int], None] = lambda i: None) -> None:
+        """N operations; the big ones (10 MB document, 1 MB lines, 4 MB messages) open each of
+        `big_rounds` equal stretches of the run, the first round being the warm-up."""
         self.status_request()
         self.collect(wait=True)
         for _ in range(3):
             self.op_open()
         weights = {
             self.op_incremental_edit: 20, self.op_typing_burst: 8, self.op_full_edit: 4, self.op_open: 3,
-            lambda: self.op_complete(True): 18, lambda: self.op_complete(False): 8, self.op_cancel: 8,
+            self.op_inline: 18, self.op_completion: 8, self.op_cancel: 8,
             self.op_close_in_flight: 4, self.op_unknown: 4, self.op_invalid_params: 6, self.op_malformed: 5,
-            self.op_view_check: 6, self.status_request: 2,
+            self.op_view_check: 6, self.op_status: 2,
         }
         ops, cumulative = list(weights), list(weights.values())
-        # The big ones at fixed points in each half, so both halves of the memory profile see them.
-        big = {int(n * f): op for f, op in ((0.1, self.op_huge_document), (0.15, self.op_long_lines),
-                                            (0.2, self.op_oversized), (0.6, self.op_huge_document),
-                                            (0.65, self.op_long_lines), (0.7, self.op_oversized))}
+        big: dict[int, Callable[[], None]] = {}
+        for round_no in range(max(0, big_rounds)):
+            start = round_no * n // max(1, big_rounds)
+            for offset, op in enumerate((self.op_huge_document, self.op_long_lines, self.op_oversized)):
+                big[start + offset] = op
         for i in range(n):
             op = big.get(i) or self.rng.choices(ops, cumulative)[0]
-            name = getattr(op, "__name__", "op_complete")
-            self.state.ops[name.removeprefix("op_")] += 1
+            name = op.__name__.removeprefix("op_")
+            self.state.ops[name] += 1
             began = time.monotonic()
             op()
-            self.state.op_seconds[name.removeprefix("op_")] += time.monotonic() - began
+            self.state.op_seconds[name] += time.monotonic() - began
             self.collect(wait=len(self.state.pending) > 16)
             if not self.pipe.alive():
                 self.fail(f"the server exited (code {self.pipe.proc.returncode}) during operation {i} ({name})")
@@ -646,6 +650,101 @@ class Soak:
         self.status_request()
         self.collect(wait=True)
 
+    def op_inline(self) -> None:
+        self.op_complete(inline=True)
+
+    def op_completion(self) -> None:
+        self.op_complete(inline=False)
+
+    def op_status(self) -> None:
+        self.status_request()
+
+
+@dataclass
+class Session:
+    """A started, initialized server with a model loaded (or failed to load), and its files."""
+
+    pipe: LspPipe
+    soak: Soak
+    scratch: Path
+    options: dict
+    status: dict = field(default_factory=dict)
+    exit_code: int | None = None
+    alive_at_end: bool = False
+    log_text: str = ""
+
+    def server_output(self) -> str:
+        """Everything the server wrote to stderr and its log file (after the session ends)."""
+        parts = [p.read_text(errors="replace") for p in (self.scratch / "stderr.txt", self.scratch / "server.log")
+                 if p.exists()]
+        return "\n".join(parts)
+
+
+def initialize_params(options: dict, root_uri: str | None = None) -> dict:
+    return {
+        "processId": os.getpid(), "rootUri": root_uri, "initializationOptions": options,
+        "capabilities": {"window": {"workDoneProgress": True},
+                         "workspace": {"configuration": True},
+                         "textDocument": {"inlineCompletion": {}, "completion": {},
+                                          "synchronization": {"didSave": False}},
+                         "general": {"positionEncodings": ["utf-16"]}},
+    }
+
+
+@contextmanager
+def session(
+    model_dir: str | Path,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    settings: dict | None = None,
+    answer_timeout_s: float = 60.0,
+    server_argv: list[str] | None = None,
+    extra_args: list[str] = (),
+    env: dict[str, str] | None = None,
+    work_dir: str | Path | None = None,
+    root_uri: str | None = None,
+    wait_states: tuple[str, ...] = ("ready",),
+    scratch: str | Path | None = None,
+):
+    """Start `python -m lsp_server serve`, initialize it, wait for the model; yields a `Session`.
+
+    Shuts the server down on exit; `Session.exit_code` and `alive_at_end` tell how it went.
+    The server's stderr and its --log-file (info level) land in the scratch directory.
+    """
+    with tempfile.TemporaryDirectory(prefix="parafill-soak-") as own_scratch:
+        scratch_path = Path(scratch or own_scratch)
+        scratch_path.mkdir(parents=True, exist_ok=True)
+        options = {"parafill": {**SOAK_SETTINGS, **(settings or {}), "model": str(model_dir)}}
+        argv = server_argv or [sys.executable, "-m", "lsp_server", "serve", "--device", device,
+                               "--log-level", "info", "--log-file", str(scratch_path / "server.log"), *extra_args]
+        run_env = dict(env or os.environ)
+        run_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), run_env.get("PYTHONPATH")]))
+        pipe = LspPipe(argv, run_env, scratch_path / "stderr.txt", cwd=str(work_dir or scratch_path),
+                       configuration=options["parafill"])
+        soak = Soak(pipe, random.Random(seed), answer_timeout_s=answer_timeout_s)
+        current = Session(pipe, soak, scratch_path, options)
+        try:
+            answer = pipe.wait_for(pipe.request("initialize", initialize_params(options, root_uri)), answer_timeout_s)
+            if answer is None or "result" not in answer:
+                soak.fail(f"initialize failed: {answer!r:.300}")
+            else:
+                pipe.notify("initialized", {})
+                current.status = _wait_ready(pipe, answer_timeout_s * 2, soak, wait_states)
+            yield current
+        finally:
+            current.alive_at_end = pipe.alive()
+            current.exit_code = pipe.close()
+            if not current.alive_at_end:
+                soak.fail(f"the server was not running at the end (exit code {pipe.proc.returncode})")
+            elif current.exit_code != 0:
+                soak.fail(f"shutdown/exit did not end the server cleanly (exit code {current.exit_code})")
+            if pipe.read_error:
+                soak.fail(f"the server's output could not be read: {pipe.read_error}")
+            for text in pipe.traceback_messages[:5]:
+                soak.fail(f"a traceback reached the client: {text[:300]}")
+            current.log_text = current.server_output()
+
 
 def run_soak(
     n: int,
@@ -656,75 +755,43 @@ def run_soak(
     settings: dict | None = None,
     answer_timeout_s: float = 60.0,
     rss_growth_limit_mb: float = 64.0,
-    server_argv: list[str] | None = None,
-    env: dict[str, str] | None = None,
-    work_dir: str | Path | None = None,
+    big_rounds: int = 1,
     progress: Callable[[str], None] | None = None,
+    **session_options: Any,
 ) -> dict:
     """Run N random operations against a fresh `python -m lsp_server serve`; returns the report.
 
     model_dir None builds a tiny random model in a temporary directory (the soak
     tests the server, not the model). `report["failures"]` is empty on success.
     """
-    with tempfile.TemporaryDirectory(prefix="parafill-soak-") as scratch:
-        scratch_path = Path(scratch)
+    with tempfile.TemporaryDirectory(prefix="parafill-soak-model-") as model_scratch:
         if model_dir is None:
             from denoiser.tiny import make_tiny_model  # only here: the soak itself needs no torch
 
-            model_dir = make_tiny_model(scratch_path / "tiny-model")
-        options = {"parafill": {**SOAK_SETTINGS, **(settings or {}), "model": str(model_dir)}}
-        argv = server_argv or [sys.executable, "-m", "lsp_server", "serve", "--device", device,
-                               "--log-level", "info", "--log-file", str(scratch_path / "server.log")]
-        run_env = dict(env or os.environ)
-        run_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), run_env.get("PYTHONPATH")]))
-        pipe = LspPipe(argv, run_env, scratch_path / "stderr.txt", cwd=str(work_dir or scratch_path),
-                       configuration=options["parafill"])
-        soak = Soak(pipe, random.Random(seed), answer_timeout_s=answer_timeout_s)
+            model_dir = make_tiny_model(Path(model_scratch) / "tiny-model")
         rss: list[tuple[int, int]] = []
         started = time.monotonic()
-        exit_code = None
-        try:
-            init = pipe.request("initialize", {
-                "processId": os.getpid(), "rootUri": None, "initializationOptions": options,
-                "capabilities": {"window": {"workDoneProgress": True},
-                                 "textDocument": {"inlineCompletion": {}, "completion": {},
-                                                  "synchronization": {"didSave": False}},
-                                 "general": {"positionEncodings": ["utf-16"]}}})
-            answer = pipe.wait_for(init, answer_timeout_s)
-            if answer is None or "result" not in answer:
-                soak.fail(f"initialize failed: {answer!r:.300}")
-            else:
-                pipe.notify("initialized", {})
-                _wait_ready(pipe, answer_timeout_s * 2, soak)
-                ready_at = time.monotonic()
+        duration = 0.0
+        with session(model_dir, seed=seed, device=device, settings=settings, answer_timeout_s=answer_timeout_s,
+                     **session_options) as current:
+            pipe, soak = current.pipe, current.soak
+            ready_at = time.monotonic()
+            warm_up = 3 if big_rounds else 0  # the first round of big operations
 
-                def on_step(i: int) -> None:
-                    kb = pipe.rss_kb()
-                    if kb is not None:
-                        rss.append((i, kb))
-                    if progress and (i + 1) % max(1, n // 20) == 0:
-                        progress(f"{i + 1}/{n} operations, {len(soak.state.failures)} failures, "
-                                 f"RSS {kb / 1024 if kb else 0:.0f} MB")
+            def on_step(i: int) -> None:
+                kb = pipe.rss_kb()
+                if kb is not None and i >= warm_up:
+                    rss.append((i, kb))
+                if progress and (i + 1) % max(1, n // 20) == 0:
+                    progress(f"{i + 1}/{n} operations, {len(soak.state.failures)} failures, "
+                             f"RSS {kb / 1024 if kb else 0:.0f} MB")
 
-                if not soak.state.failures:
-                    soak.run(n, on_step=on_step)
-                duration = time.monotonic() - ready_at
-        finally:
-            alive_at_end = pipe.alive()
-            exit_code = pipe.close()
+            if not soak.state.failures:
+                soak.run(n, big_rounds=big_rounds, on_step=on_step)
+            duration = time.monotonic() - ready_at
         total = time.monotonic() - started
-        stderr_text = (scratch_path / "stderr.txt").read_text(errors="replace")
-        log_text = (scratch_path / "server.log").read_text(errors="replace") if (scratch_path / "server.log").exists() else ""
 
     state = soak.state
-    if not alive_at_end:
-        soak.fail(f"the server was not running at the end (exit code {pipe.proc.returncode})")
-    if exit_code != 0:
-        soak.fail(f"shutdown/exit did not end the server cleanly (exit code {exit_code})")
-    if pipe.read_error:
-        soak.fail(f"the server's output could not be read: {pipe.read_error}")
-    for text in pipe.traceback_messages[:5]:
-        soak.fail(f"a traceback reached the client: {text[:300]}")
     memory = _memory_figures(rss, rss_growth_limit_mb)
     if memory.get("growing"):
         soak.fail(f"resident memory still grows: first half max {memory['first_half_max_mb']} MB, "
@@ -737,7 +804,7 @@ def run_soak(
     return {
         "operations": n,
         "seed": seed,
-        "duration_s": round(locals().get("duration", total), 2),
+        "duration_s": round(duration, 2),
         "total_s": round(total, 2),
         "failures": state.failures,
         "ops": dict(state.ops),
@@ -749,28 +816,31 @@ def run_soak(
         "view_unverified": state.view_unverified,
         "notifications": dict(pipe.notifications),
         "memory": memory,
-        "exit_code": exit_code,
-        "server_log_tracebacks": len(TRACEBACK.findall(stderr_text + log_text)),
+        "exit_code": current.exit_code,
+        "server_log_tracebacks": len(TRACEBACK.findall(current.log_text)),
         "bytes_received": pipe.bytes_received,
     }
 
 
-def _wait_ready(pipe: LspPipe, timeout: float, soak: Soak) -> None:
+def _wait_ready(pipe: LspPipe, timeout: float, soak: Soak, states: tuple[str, ...] = ("ready",)) -> dict:
     deadline = time.monotonic() + timeout
+    result: dict = {}
     while time.monotonic() < deadline:
-        answer = pipe.wait_for(pipe.request("parafill/status", {}), timeout)
-        state = (answer or {}).get("result", {}).get("state")
-        if state == "ready":
-            return
+        answer = pipe.wait_for(pipe.request("parafill/status", {}), timeout) or {}
+        result = answer.get("result") or {}
+        state = result.get("state")
+        if state in states:
+            return result
         if state == "error" or not pipe.alive():
-            soak.fail(f"the model did not load: {(answer or {}).get('result', {}).get('message')}")
-            return
+            soak.fail(f"the model did not load: {result.get('message')}")
+            return result
         time.sleep(0.2)
-    soak.fail(f"the model was not ready after {timeout:.0f} s")
+    soak.fail(f"the model was not ready after {timeout:.0f} s: {result.get('message')}")
+    return result
 
 
 def _memory_figures(rss: list[tuple[int, int]], limit_mb: float) -> dict:
-    """Peak RSS of each half of the run; growing if the second half's peak passes the first's by more
+    """Peak RSS of each half of the run after the warm-up; growing if the second half's peak passes the first's by more
     than limit_mb (or 10%): bounded caches flatten out, leaks keep climbing."""
     if len(rss) < 4:
         return {"samples": len(rss)}
@@ -793,6 +863,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model directory (default: a tiny random model, so the run measures the server)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds each request may take (default 60)")
+    parser.add_argument("--big-rounds", type=int, default=None,
+                        help="rounds of big operations (10 MB document, 1 MB lines, 4 MB messages); "
+                             "default: one per 2000 operations, at least one")
     parser.add_argument("--json", metavar="PATH", help="also write the report here")
     return parser
 
@@ -803,7 +876,8 @@ def main(argv: list[str] | None = None) -> int:
     if not n or n < 1:
         print("parafill: error: --soak N needs a positive number of operations, e.g. --soak 10000", file=sys.stderr)
         return 2
-    report = run_soak(n, args.seed, args.model, device=args.device, answer_timeout_s=args.timeout,
+    big_rounds = args.big_rounds if args.big_rounds is not None else max(1, n // 2000)
+    report = run_soak(n, args.seed, args.model, device=args.device, answer_timeout_s=args.timeout, big_rounds=big_rounds,
                       progress=lambda line: print(f"soak: {line}", file=sys.stderr, flush=True))
     text = json.dumps(report, indent=2)
     print(text)

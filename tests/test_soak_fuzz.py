@@ -1,0 +1,109 @@
+"""Soak and fuzz: a raw stdio JSON-RPC client against the real server (issue 7, part 1).
+
+`test_protocol_edges` sends, one by one, the inputs the soak found or must
+cover (lines split at form feed and U+2028, invalid params of each kind,
+requests without params, malformed frames) and checks each answer.
+`test_soak` (slow) replays 300 random editor operations with `lsp_server.soak`
+(`parafill bench --soak N` runs the same thing at any size) and asserts a
+clean report: process up, every request answered properly, the server's copy
+of each document equal to the client's, memory flat, no traceback sent.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lsp_server.soak import INVALID_PARAMS, METHOD_NOT_FOUND, main, position_of, run_soak, session
+
+
+def _ask(pipe, method, params, timeout=60):
+    answer = pipe.wait_for(pipe.request(method, params), timeout)
+    assert answer is not None, f"{method} was never answered"
+    return answer
+
+
+def _inline_params(uri, position):
+    return {"textDocument": {"uri": uri}, "position": position, "context": {"triggerKind": 1}}
+
+
+def test_protocol_edges(parafill_tiny_model):
+    with session(parafill_tiny_model, seed=3) as current:
+        pipe, soak = current.pipe, current.soak
+        assert current.status.get("state") == "ready", current.status
+
+        # Characters `str.splitlines` takes for line breaks and LSP does not: an edit
+        # after them must land where the client put it.
+        uri = "file:///edges/lines.py"
+        text = "a = 1\x0cb = 2\u2028c = 3\x1cd\x85e\r\nf = 4\rg\n"
+        soak.open(uri, text)
+        for _ in range(12):
+            soak.op_edit_in(uri)
+        target = soak.state.documents[uri]
+        offset = target.index("f = 4")
+        line, character = position_of(target, offset)
+        soak.change(uri, [{"range": {"start": {"line": line, "character": character},
+                                     "end": {"line": line, "character": character + 1}}, "text": "F\x0b"}],
+                    target[:offset] + "F\x0b" + target[offset + 1:])
+        for _ in range(4):
+            soak.check_view(uri)
+        soak.collect(wait=True)
+        assert soak.state.view_checks > 0, "no probe came back with an item, nothing was compared"
+
+        # Every kind of invalid position gets InvalidParams, never silence or a guess.
+        bad = [{"line": -1, "character": 0}, {"line": 0, "character": -2}, {"line": "ten", "character": 0},
+               {"line": 0, "character": "3"}, {"line": 1.5, "character": 0}, {"line": True, "character": 0},
+               {"line": None, "character": 0}, {"character": 0}, {"line": 2**40, "character": 0}, "here", None]
+        for position in bad:
+            for method in ("textDocument/inlineCompletion", "textDocument/completion"):
+                answer = _ask(pipe, method, _inline_params(uri, position))
+                assert answer.get("error", {}).get("code") == INVALID_PARAMS, (method, position, answer)
+        for params in (None, [], "x", {"textDocument": {"uri": 42}, "position": {"line": 0, "character": 0},
+                                       "context": {"triggerKind": 1}}):
+            answer = _ask(pipe, "textDocument/inlineCompletion", params)
+            assert answer.get("error", {}).get("code") == INVALID_PARAMS, (params, answer)
+            assert "Traceback" not in json.dumps(answer)
+
+        # JSON-RPC lets a request omit params; unknown methods get MethodNotFound.
+        msg_id = pipe.next_id()
+        pipe.send({"jsonrpc": "2.0", "id": msg_id, "method": "parafill/status"})
+        answer = pipe.wait_for(msg_id, 60)
+        assert answer and answer["result"]["state"] == "ready", answer
+        assert _ask(pipe, "parafill/noSuchMethod", {})["error"]["code"] == METHOD_NOT_FOUND
+
+        # Malformed frames are shrugged off; the server still answers afterwards.
+        for body in (b'{"jsonrpc": "2.0", "id": 1, "method": ', b"[]", b"null", b"\xff\xfe\x00", b"{}", b"42"):
+            pipe.send_body(body)
+        assert "result" in _ask(pipe, "parafill/status", {})
+
+        # A lone surrogate and NULs in the document: answered, and the copies still agree.
+        lone = "x = '\ud800'\x00\ny = 1\n"
+        soak.open("file:///edges/lone.py", lone)
+        answer = _ask(pipe, "textDocument/inlineCompletion", _inline_params("file:///edges/lone.py",
+                                                                              {"line": 0, "character": 5}))
+        assert "result" in answer, answer
+        soak.check_view("file:///edges/lone.py")
+        soak.collect(wait=True)
+    assert soak.state.failures == [], "\n".join(soak.state.failures)
+    assert current.exit_code == 0
+
+
+@pytest.mark.slow
+def test_soak(parafill_tiny_model):
+    report = run_soak(300, seed=20261123, model_dir=parafill_tiny_model)
+    print(json.dumps(report, indent=1))
+    assert report["failures"] == [], "\n".join(report["failures"])
+    ops = report["ops"]
+    for op in ("incremental_edit", "full_edit", "inline", "completion", "cancel", "close_in_flight", "unknown",
+               "invalid_params", "malformed", "huge_document", "long_lines", "oversized"):
+        assert ops.get(op, 0) > 0, f"the soak never ran {op}"
+    answers = report["answers"]
+    assert answers.get(f"error {INVALID_PARAMS}", 0) > 0 and answers.get("result", 0) > 100
+    assert report["view_checks"] >= 10, "too few document comparisons to trust the run"
+    assert report["memory"]["samples"] > 100 and not report["memory"]["growing"], report["memory"]
+    assert report["exit_code"] == 0
+
+
+def test_soak_command_rejects_a_bad_count(capsys):
+    assert main(["--soak", "0"]) == 2
+    assert "positive number" in capsys.readouterr().err
