@@ -26,6 +26,26 @@ class Superseded(Exception):
     """The work was superseded or cancelled before or while it ran."""
 
 
+class WorkerCrashed(Exception):
+    """A job on the model thread died of a BaseException (SystemExit, KeyboardInterrupt, ...)
+    that no model code should raise; the thread has been replaced by a fresh one."""
+
+
+def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` with any BaseException turned into `WorkerCrashed`, so it can neither slip past
+    the server's handlers (which catch Exception) nor leave a request unanswered."""
+
+    def job(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception:
+            raise
+        except BaseException as exc:
+            raise WorkerCrashed(f"the model thread died: {type(exc).__name__}: {exc}") from exc
+
+    return job
+
+
 class Ticket:
     """One piece of work on one document; `is_cancelled` is safe from any thread."""
 
@@ -87,6 +107,8 @@ class ModelWorker:
         self.message = "the model loads after the client sends `initialized`"
         self.choice: ModelChoice | None = None
         self._loads = 0
+        self.restarts = 0
+        self._closing = False
 
     @property
     def ready(self) -> bool:
@@ -114,7 +136,7 @@ class ModelWorker:
             return Engine.load(choice.model or None, device=choice.device, progress=report)
 
         try:
-            engine = await asyncio.wrap_future(self._executor.submit(job))
+            engine = await self._submit(job)
         except Exception as exc:  # ModelLoadError and anything a broken model directory causes
             if load_id == self._loads:
                 self.state = "error"
@@ -145,19 +167,43 @@ class ModelWorker:
             except Cancelled as exc:
                 raise Superseded(str(exc)) from exc
 
-        future = self._executor.submit(job)
-        try:
-            return await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            ticket.cancel()
-            future.cancel()
-            raise
+        return await self._submit(job, on_cancel=ticket.cancel)
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a short model-side chore (e.g. forgetting a document) in order with the rest."""
-        return await asyncio.wrap_future(self._executor.submit(fn, *args))
+        return await self._submit(lambda: fn(*args))
+
+    async def _submit(self, job: Callable[[], Any], on_cancel: Callable[[], None] | None = None) -> Any:
+        try:
+            future = self._executor.submit(_guarded(job))
+        except RuntimeError:  # the executor is gone (shut down): a fresh thread, unless we are closing
+            if self._closing:
+                raise
+            self._restart("its executor was shut down")
+            future = self._executor.submit(_guarded(job))
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if on_cancel:
+                on_cancel()
+            future.cancel()
+            raise
+        except WorkerCrashed as exc:
+            self._restart(str(exc))
+            raise
+
+    def _restart(self, reason: str) -> None:
+        """Replace the model thread; the engine (plain objects and tensors) survives."""
+        old, self._executor = self._executor, ThreadPoolExecutor(max_workers=1, thread_name_prefix="parafill-model")
+        old.shutdown(wait=False, cancel_futures=False)  # queued jobs still run there, in order
+        self.restarts += 1
+        log.error("model thread restarted (%d so far): %s", self.restarts, reason)
+        if self.state == "ready" and self.engine is not None:
+            self.message = (f"{self.engine.backend.name} ready on {self.engine.backend.device} "
+                            f"(model thread restarted {self.restarts}x, last: {reason})")
 
     def shutdown(self) -> None:
+        self._closing = True
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
