@@ -159,7 +159,7 @@ def run_complete(args: argparse.Namespace) -> int:
             "text": found.text, "raw": found.raw, "total_ms": round(found.total_ms, 3),
             "model_ms": round(found.model_ms, 3), "load_ms": round(load_ms, 3), "tokens": found.tokens,
             "steps": found.steps, "source": found.source, "device": device, "model": engine.backend.name,
-            "span": found.request.span.mode,
+            "span": found.request.span.mode, "position": {"line": line_no - 1, "character": character},
         }))
     else:
         print(found.text if found.text is not None else "", flush=True)
