@@ -1,0 +1,245 @@
+"""Security promises (issue 7, part 3; SECURITY.md lists them), each checked on the real thing.
+
+1. Weights load only from safetensors: pickle checkpoints are refused and never
+   unpickled (a pickle that would create a marker file must not create it).
+2. No network: a full session under an audit hook that records (and refuses)
+   every socket that is not the AF_UNIX pair asyncio uses to wake its own loop,
+   and every connect, bind or name lookup.
+3. Reads only what the client sent plus what the user configured: every file the
+   server opens must be the model directory, its log file, Python's own files,
+   /proc, /dev or /sys; never a file of the workspace it runs in.
+4. Never writes to user files: the workspace is byte-for-byte unchanged and no
+   file under it is opened for writing.
+5. Logs hold no source text unless `verboseLogging` is on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from lsp_server.soak import REPO, session
+
+# --- 1. safetensors only -------------------------------------------------------------------
+
+
+class _Trap:
+    """Unpickling this creates `path`: proof that a pickle ran."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _plant_pickles(model_dir: Path, marker: Path, names=("pytorch_model.bin", "model.pt", "weights.ckpt", "model.pth")):
+    for name in names:
+        (model_dir / name).write_bytes(pickle.dumps({"weight": _Trap(marker)}))
+
+
+def test_pickle_checkpoints_are_refused_and_never_unpickled(parafill_tiny_model, tmp_path):
+    from denoiser.backend import ModelLoadError
+    from denoiser.loading import load_backend
+    from denoiser.weights import load_weights
+
+    marker = tmp_path / "UNPICKLED"
+    # The trap works: unpickling it does create the marker.
+    pickle.loads(pickle.dumps(_Trap(tmp_path / "trap-check")))
+    assert (tmp_path / "trap-check").exists()
+
+    only_pickles = tmp_path / "only-pickles"
+    shutil.copytree(parafill_tiny_model, only_pickles)
+    (only_pickles / "model.safetensors").unlink()
+    _plant_pickles(only_pickles, marker)
+    with pytest.raises(ModelLoadError) as refused:
+        load_backend(only_pickles, "cpu")
+    message = str(refused.value)
+    assert "safetensors" in message and "pickle" in message and "arbitrary code" in message, message
+
+    for name in ("pytorch_model.bin", "model.pt"):
+        with pytest.raises(ModelLoadError, match="pickle"):
+            load_weights(only_pickles / name)
+
+    # Pickles next to safetensors: the safetensors load, the pickles stay shut.
+    both = tmp_path / "both"
+    shutil.copytree(parafill_tiny_model, both)
+    _plant_pickles(both, marker)
+    backend = load_backend(both, "cpu")
+    assert backend.parameters > 0
+
+    # An open-weight (Hugging Face style) directory with only a pickle is refused too.
+    hf = tmp_path / "hf-pickle"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"architectures": ["DreamModel"], "model_type": "Dream"}))
+    shutil.copy(parafill_tiny_model / "tokenizer.json", hf / "tokenizer.json")
+    _plant_pickles(hf, marker, names=("pytorch_model.bin",))
+    with pytest.raises(ModelLoadError):
+        load_backend(hf, "cpu")
+    assert not marker.exists(), "a pickle was unpickled"
+
+
+# --- 2-5. a full session under audit --------------------------------------------------------
+
+AUDITED_SERVE = '''
+"""Run `parafill serve` with an audit hook that records what the process opens and connects to."""
+import json, os, socket, sys
+
+RECORD = {record!r}
+ALLOWED_READ = tuple({allowed!r})
+NETWORK_EVENTS = {{"socket.connect", "socket.bind", "socket.getaddrinfo", "socket.gethostbyname",
+                   "socket.gethostbyaddr", "socket.sendto", "socket.sendmsg"}}
+_out = open(RECORD, "a", buffering=1)  # opened before the hook: not itself recorded
+
+
+def _note(kind, detail):
+    _out.write(json.dumps({{"kind": kind, "detail": detail}}) + "\\n")
+
+
+def hook(event, args):
+    if event == "open":
+        path, mode, flags = args
+        if isinstance(path, int) or path is None:
+            return
+        path = os.path.abspath(os.fsdecode(path))
+        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+            isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND))
+        if writing:
+            _note("write", path)
+        elif not path.startswith(ALLOWED_READ):
+            _note("read", path)
+    elif event == "socket.__new__":
+        family = args[1]
+        if family != socket.AF_UNIX:
+            _note("socket", str(family))
+            raise PermissionError("network sockets are forbidden in this test")
+    elif event in NETWORK_EVENTS:
+        _note("network", event + " " + repr(args)[:200])
+        raise PermissionError(event + " is forbidden in this test")
+
+
+sys.addaudithook(hook)
+sys.path.insert(0, {repo!r})
+from lsp_server.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _allowed_reads(model_dir: Path, log_file: Path) -> list[str]:
+    import site
+    import sysconfig
+
+    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *site.getsitepackages(),
+             sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"], str(REPO / "lsp_server"),
+             str(REPO / "fim"), str(REPO / "denoiser"), str(REPO / "kernels"), str(model_dir.resolve()),
+             *(str(p) for p in REPO.glob("*.egg-info")),  # parafill's own package metadata
+             str(log_file), "/proc/", "/dev/", "/sys/"}
+    return sorted(str(Path(r).resolve()) + ("/" if r.endswith("/") else "") for r in roots)
+
+
+def _audited_session(tmp_path: Path, model_dir: Path, *, verbose: bool):
+    workspace = tmp_path / "workspace"
+    (workspace / "src").mkdir(parents=True)
+    (workspace / "src" / "app.py").write_text("def on_disk():\n    return 'the disk copy'\n")
+    (workspace / "secret.env").write_text("API_TOKEN=do-not-read\n")
+    (workspace / "src" / "util.py").write_text("VALUE = 1\n")
+    log_file = tmp_path / "logs" / "parafill.log"
+    log_file.parent.mkdir()
+    record = tmp_path / "audit.jsonl"
+    script = tmp_path / "audited_serve.py"
+    script.write_text(AUDITED_SERVE.format(record=str(record), allowed=_allowed_reads(model_dir, log_file),
+                                           repo=str(REPO)))
+    argv = [sys.executable, str(script), "serve", "--device", "cpu", "--log-level", "debug",
+            "--log-file", str(log_file)]
+    settings = {"verboseLogging": verbose}
+    return workspace, log_file, record, session(model_dir, server_argv=argv, settings=settings, work_dir=workspace,
+                                                root_uri=workspace.as_uri())
+
+
+def _drive(current, workspace: Path, marker: str) -> None:
+    """An editor session over the workspace: open, type, ask, close; plus the odd bad message."""
+    pipe, soak = current.pipe, current.soak
+    app = (workspace / "src" / "app.py").as_uri()
+    text = f"import os\n\n# {marker}\ndef handler(event):\n    token = '{marker}'\n    return \n"
+    soak.open(app, text)
+    for _ in range(4):
+        soak.op_edit_in(app)
+    soak.op_typing_burst()
+    for line, character in ((5, 11), (2, 3), (10**6, 0)):
+        for method in ("textDocument/inlineCompletion", "textDocument/completion"):
+            msg_id = pipe.request(method, {"textDocument": {"uri": app}, "position": {"line": line, "character": character},
+                                           "context": {"triggerKind": 1}})
+            soak.expect(msg_id, method, "result")
+    # Requests and edits for workspace files the client never opened: nothing may be read from disk.
+    never_opened = (workspace / "src" / "util.py").as_uri()
+    msg_id = pipe.request("textDocument/inlineCompletion", {"textDocument": {"uri": never_opened},
+                                                            "position": {"line": 0, "character": 3},
+                                                            "context": {"triggerKind": 1}})
+    soak.expect(msg_id, "unopened document", "result")
+    pipe.notify("textDocument/didChange", {"textDocument": {"uri": (workspace / "secret.env").as_uri(), "version": 2},
+                                           "contentChanges": [{"range": {"start": {"line": 0, "character": 0},
+                                                                         "end": {"line": 0, "character": 0}},
+                                                               "text": marker}]})
+    msg_id = pipe.request("textDocument/inlineCompletion", {"textDocument": {"uri": app},
+                                                            "position": {"line": marker, "character": 0},
+                                                            "context": {"triggerKind": 1}})
+    soak.expect(msg_id, "invalid params carrying source text", "-32602")
+    pipe.send_body(("{" + marker).encode())
+    soak.status_request()
+    soak.collect(wait=True)
+    soak.close(app)
+    soak.status_request()
+    soak.collect(wait=True)
+
+
+def test_full_session_no_network_reads_only_what_it_was_given_writes_nothing(parafill_tiny_model, tmp_path):
+    marker = f"PARAFILL_MARKER_{uuid.uuid4().hex}"
+    workspace, log_file, record, running = _audited_session(tmp_path, parafill_tiny_model, verbose=False)
+    before = _snapshot(workspace)
+    with running as current:
+        assert current.status.get("state") == "ready", current.status
+        _drive(current, workspace, marker)
+    assert current.soak.state.failures == [], current.soak.state.failures
+    events = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+    network = [e for e in events if e["kind"] in ("socket", "network")]
+    assert network == [], f"the server tried to use the network: {network}"
+    workspace_root = str(workspace.resolve())
+    # The import system "opens" pseudo paths such as an editable install's
+    # `__editable__...__path_hook__` relative to the working directory; only real files count.
+    touched = [e for e in events if e["detail"].startswith(workspace_root)
+               and (e["kind"] == "write" or Path(e["detail"]).exists())]
+    assert touched == [], f"the server opened workspace files the client never asked it to: {touched}"
+    reads = [e["detail"] for e in events if e["kind"] == "read" and Path(e["detail"]).exists()]
+    assert reads == [], f"the server read files outside the model, its log and Python itself: {reads[:20]}"
+    writes = sorted({e["detail"] for e in events if e["kind"] == "write"})
+    assert set(writes) <= {str(log_file)}, f"the server wrote files other than its log: {writes}"
+    assert _snapshot(workspace) == before, "a workspace file changed"
+    # 5. Logs: the source text (and the marker inside it) never reaches the log.
+    log_text = log_file.read_text(errors="replace")
+    assert "completion" in log_text, "the log is empty: nothing was checked"
+    assert marker not in log_text, "source text reached the log without verboseLogging"
+    assert "raw fill" not in log_text and "Sending data" not in log_text, "message bodies logged without verboseLogging"
+    assert marker not in current.log_text
+
+
+def test_verbose_logging_is_the_only_way_source_reaches_the_log(parafill_tiny_model, tmp_path):
+    marker = f"PARAFILL_MARKER_{uuid.uuid4().hex}"
+    workspace, log_file, _, running = _audited_session(tmp_path, parafill_tiny_model, verbose=True)
+    with running as current:
+        _drive(current, workspace, marker)
+    assert current.soak.state.failures == [], current.soak.state.failures
+    log_text = log_file.read_text(errors="replace")
+    # Verbose logs show what the model wrote and pygls's messages in full; the switch works,
+    # so the quiet log in the test above is quiet because of it.
+    assert "raw fill" in log_text and "Sending data" in log_text, log_text[-2000:]
