@@ -90,3 +90,16 @@ async def test_a_broken_model_directory_is_an_error_state(broken_client: Languag
     parafill_lsp.open(broken_client, "file:///x.py", "x = 1\n")
     result = await parafill_lsp.inline(broken_client, "file:///x.py", 0, 5)
     assert list(result.items) == []
+
+
+async def test_a_new_model_setting_reloads_the_model(client: LanguageClient, parafill_lsp, parafill_tiny_model, tmp_path):
+    missing = tmp_path / "not-a-model"
+    parafill_lsp.configure(client, {"parafill": {**parafill_lsp.fast_settings, "model": str(missing)}})
+    status = await parafill_lsp.wait_for_state(client, ("error",))
+    assert str(missing) in status["message"]
+    parafill_lsp.open(client, "file:///project/reload.py", "x = 1\n")
+    assert list((await parafill_lsp.inline(client, "file:///project/reload.py", 0, 5)).items) == []
+
+    parafill_lsp.configure(client, {"parafill": {**parafill_lsp.fast_settings, "model": str(parafill_tiny_model)}})
+    status = await parafill_lsp.wait_for_state(client, ("ready",))
+    assert status["model"] == parafill_tiny_model.name
