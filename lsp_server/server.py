@@ -159,6 +159,7 @@ class ParafillServer(LanguageServer):
         self.stats = ServerStats()
         self._tasks: set[asyncio.Task] = set()
         self._progress_tokens = 0
+        self.pending_problems: list[str] = []  # settings problems found in initialize, shown after it
 
     # --- settings and model -------------------------------------------------------
     def model_choice(self) -> ModelChoice:
@@ -334,7 +335,7 @@ def create_server(model: str | None = None, device: str = "auto") -> ParafillSer
 
     @ls.feature(types.INITIALIZED)
     def initialized(ls: ParafillServer, params: types.InitializedParams) -> None:
-        ls.warn(getattr(ls, "pending_problems", []))
+        ls.warn(ls.pending_problems)
         ls.spawn(ls.load_model())
 
     @ls.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
