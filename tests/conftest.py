@@ -16,6 +16,10 @@ from types import SimpleNamespace
 import pytest
 from lsprotocol import types
 
+# CI has 2 cores and many tests start a server process: one torch thread each
+# keeps them from fighting over the cores (set before anything imports torch).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 
 # The model is named in initializationOptions (it exists by the time the client
