@@ -191,6 +191,7 @@ def run(args) -> None:
     settings = TrainSettings(
         context_tokens=args.context_tokens, batch_size=args.batch_size, lr=args.lr,
         total_steps=args.total_steps, warmup_steps=args.warmup_steps, seed=args.seed,
+        ar_positions=args.ar_positions,
     )
     tokenizer = CodeTokenizer.load(Path(args.tokenizer))
     corpus = Path(args.corpus)
@@ -293,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--d-ff", type=int, default=768)
     p.add_argument("--max-positions", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ar-positions", type=int, default=64, help="random context positions per example in the next-token loss")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--valid-every", type=int, default=250)
     p.add_argument("--save-every", type=int, default=250)
