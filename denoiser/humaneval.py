@@ -33,6 +33,7 @@ BENCHMARKS = {
 
 _REPO = Path(__file__).resolve().parent.parent
 DATA_DIR_CANDIDATES = (
+    _REPO / "eval" / "human-eval-infilling",  # the copy this repository ships (MIT, see its LICENSE)
     _REPO / "shared" / "data" / "human-eval-infilling",
     _REPO.parent / "shared" / "data" / "human-eval-infilling",
     _REPO / "data" / "human-eval-infilling",

@@ -26,7 +26,7 @@ from .local_sources import (default_site_packages, default_stdlib, distribution_
                             site_packages_files, stdlib_files)
 from .manifest import ManifestError, PackageEntry, dump_manifest, load_manifest
 
-DEFAULT_HUMANEVAL = "/work/shared/data/human-eval-infilling"
+DEFAULT_HUMANEVAL = str(Path(__file__).resolve().parents[2] / "eval" / "human-eval-infilling")
 
 
 def _log(msg: str) -> None:
