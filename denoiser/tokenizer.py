@@ -6,12 +6,22 @@ produces is a token boundary the model has seen.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 from denoiser.backend import ModelLoadError
 from denoiser.config import SPECIAL_TOKENS
+
+
+# A Python str may hold lone surrogates (an editor can send them as JSON
+# escapes); the Rust tokenizer refuses such strings, so they become U+FFFD.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _encodable(text: str) -> str:
+    return _LONE_SURROGATE.sub("\ufffd", text)
 
 
 class CodeTokenizer:
@@ -39,10 +49,17 @@ class CodeTokenizer:
     def encode(self, text: str) -> list[int]:
         if not text:
             return []
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            return self._tok.encode(_encodable(text), add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        try:
+            encodings = self._tok.encode_batch(texts, add_special_tokens=False)
+        except TypeError:
+            encodings = self._tok.encode_batch([_encodable(t) for t in texts], add_special_tokens=False)
+        return [e.ids for e in encodings]
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

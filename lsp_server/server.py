@@ -24,7 +24,7 @@ from urllib.parse import unquote
 
 import cattrs
 from lsprotocol import types
-from pygls.exceptions import JsonRpcInvalidParams
+from pygls.exceptions import JsonRpcInvalidParams, JsonRpcInvalidRequest
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.json_rpc import JsonRPCRequestMessage
@@ -107,6 +107,12 @@ class ParafillProtocol(LanguageServerProtocol):
         # pygls 2.1.1 raises inside the JSON reader when a request's params do not
         # match their type (a negative line, a string for a number), and the
         # request is never answered; answer it with InvalidParams instead.
+        if "jsonrpc" in data and "method" in data and not isinstance(data["method"], str):
+            log.warning("dropped a message whose method is not a string")
+            if "id" in data:
+                error = JsonRpcInvalidRequest("the method of a JSON-RPC request must be a string")
+                self._send_response(data["id"], error=error.to_response_error())
+            return _Rejected()
         if "jsonrpc" in data and "id" in data and "method" in data and "error" not in data:
             if "params" not in data:  # JSON-RPC lets a request omit params
                 data = {**data, "params": None}
@@ -119,10 +125,23 @@ class ParafillProtocol(LanguageServerProtocol):
                 error = JsonRpcInvalidParams(f"invalid params for {data['method']}: {details}")
                 self._send_response(data["id"], error=error.to_response_error())
                 return _Rejected()
+        if "jsonrpc" in data and "method" in data and "id" not in data:
+            # A malformed notification has nobody to answer; pygls would log a
+            # multi-page traceback for each one, so say it in one line instead.
+            message_type = self.get_message_type(data["method"])
+            if message_type is not None:
+                try:
+                    return self._converter.structure(data, message_type)
+                except Exception as exc:
+                    log.warning("dropped malformed %s notification: %s", data["method"], _validation_details(exc))
+                    return _Rejected()
         return super().structure_message(data)
 
     def handle_message(self, message):
         if isinstance(message, _Rejected):
+            return
+        if not hasattr(message, "jsonrpc"):  # valid JSON, but no JSON-RPC message: nothing to answer
+            log.warning("dropped a message that is not JSON-RPC 2.0")
             return
         super().handle_message(message)
 
