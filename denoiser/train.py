@@ -46,6 +46,7 @@ class TrainSettings:
     weight_decay: float = 0.1
     ar_weight: float = 0.5
     ar_positions: int = 64
+    pad_weight: float = 0.1
     seed: int = 0
 
 
@@ -110,7 +111,10 @@ def losses(model: SpanDenoiser, batch: dict, settings: TrainSettings, rng: torch
     region = batch["region"]
     span_logits = model.logits(hidden[:, region:]).float()
     ce = F.cross_entropy(span_logits.transpose(1, 2), batch["span_target"], reduction="none")
-    mdlm = (ce * batch["masked"] / batch["t"]).sum() / batch["masked"].numel()
+    # <pad> fills most of a short middle's span: at full weight it drowns the
+    # middle and <eos> (the first CPU-trained model learned "all pad" and little else).
+    weight = torch.where(batch["span_target"] == PAD_ID, settings.pad_weight, 1.0)
+    mdlm = (ce * weight * batch["masked"] / batch["t"]).sum() / batch["masked"].numel()
     # Next-token loss on a sample of causal positions: all middle positions plus
     # random context positions (the full LM head over every position costs too much).
     b = hidden.shape[0]
@@ -191,7 +195,7 @@ def run(args) -> None:
     settings = TrainSettings(
         context_tokens=args.context_tokens, batch_size=args.batch_size, lr=args.lr,
         total_steps=args.total_steps, warmup_steps=args.warmup_steps, seed=args.seed,
-        ar_positions=args.ar_positions,
+        ar_positions=args.ar_positions, pad_weight=args.pad_weight,
     )
     tokenizer = CodeTokenizer.load(Path(args.tokenizer))
     corpus = Path(args.corpus)
@@ -294,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--d-ff", type=int, default=768)
     p.add_argument("--max-positions", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pad-weight", type=float, default=0.1, help="span-loss weight of <pad> targets (middle and <eos> weigh 1)")
     p.add_argument("--ar-positions", type=int, default=64, help="random context positions per example in the next-token loss")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--valid-every", type=int, default=250)
