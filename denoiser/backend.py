@@ -64,3 +64,13 @@ class Backend(Protocol):
     ) -> FillResult: ...
 
     def forget(self, document: str) -> None: ...
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto" → cuda when available, else cpu; anything else as torch reads it."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r}: no CUDA device is available; use --device cpu or auto")
+    return resolved

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from denoiser.backend import DecodeSettings, FillResult, ModelLoadError
+from denoiser.backend import DecodeSettings, FillResult, resolve_device
 from denoiser.batching import DEFAULT_MAX_BATCH, SpanBatcher
 from denoiser.checkpoint import load_native_model
 from denoiser.examples import context_ids
@@ -57,16 +57,6 @@ def native_context_ids(tokenizer, request: FimRequest, max_context_tokens: int) 
         tokenizer.encode(request.suffix),
         max_context_tokens,
     )
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """"auto" → cuda when available, else cpu; anything else as torch reads it."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r}: no CUDA device is available; use --device cpu or auto")
-    return resolved
 
 
 def configure_cpu_threads() -> None:

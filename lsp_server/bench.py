@@ -395,7 +395,7 @@ async def lsp_session(model_dir: Path, device: str, plan: Plan) -> dict:
     load_started = time.perf_counter()
     status = {}
     while time.perf_counter() - load_started < 300:
-        status = _plain(await client.protocol.send_request_async("parafill/status", {}))
+        status = plain_json(await client.protocol.send_request_async("parafill/status", {}))
         if status.get("state") in ("ready", "error"):
             break
         await asyncio.sleep(0.1)
@@ -448,7 +448,7 @@ async def lsp_session(model_dir: Path, device: str, plan: Plan) -> dict:
             await timed_request("completion_invoked", client.text_document_completion_async(types.CompletionParams(
                 text_document=types.TextDocumentIdentifier(uri=uri), position=position_at_end(document),
                 context=types.CompletionContext(trigger_kind=types.CompletionTriggerKind.Invoked))))
-    status = _plain(await client.protocol.send_request_async("parafill/status", {}))
+    status = plain_json(await client.protocol.send_request_async("parafill/status", {}))
     server_peak_kib = _peak_rss_kib(server_pid)
     await client.shutdown_async(None)
     client.exit(None)
@@ -460,14 +460,14 @@ async def lsp_session(model_dir: Path, device: str, plan: Plan) -> dict:
             "server_status": status}
 
 
-def _plain(value):
+def plain_json(value):
     """pygls turns JSON objects of custom methods into named tuples; back to dicts."""
     if hasattr(value, "_asdict"):
-        return {k: _plain(v) for k, v in value._asdict().items()}
+        return {k: plain_json(v) for k, v in value._asdict().items()}
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_json(v) for v in value]
     return value
 
 

@@ -16,6 +16,8 @@ from types import SimpleNamespace
 import pytest
 from lsprotocol import types
 
+from lsp_server.bench import plain_json as _plain
+
 # CI has 2 cores and many tests start a server process: one torch thread each
 # keeps them from fighting over the cores (set before anything imports torch).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -58,17 +60,6 @@ def _init_params(model_dir: Path | str | None, settings: dict | None = None, *, 
         ),
         initialization_options=options,
     )
-
-
-def _plain(value):
-    """pygls's client turns JSON objects of unknown methods into named tuples; undo that."""
-    if hasattr(value, "_asdict"):
-        return {k: _plain(v) for k, v in value._asdict().items()}
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 async def _status(client) -> dict:

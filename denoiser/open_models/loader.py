@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from denoiser.backend import ModelLoadError
+from denoiser.backend import resolve_device
 from denoiser.open_models.checkpoint import check_fits, inspect_directory, stream_weights
 from denoiser.open_models.hf_tokenizer import load_tokenizer
 from denoiser.open_models.infill_backend import OpenModelBackend
@@ -26,15 +26,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} requested but no CUDA device is available; use device 'cpu' or 'auto'")
-    return dev
 
 
 def load_open_model(model_dir: str | Path, device: str | torch.device = "auto", progress: Progress | None = None, *,
