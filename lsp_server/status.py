@@ -71,6 +71,8 @@ def status_report(
             "errors": engine.get("errors", 0),
             "fallbacks": engine.get("fallbacks", 0),
             "lastError": engine.get("last_error"),
+            # Shared denoising steps (a batching backend only): how concurrent requests met.
+            "batching": _camel_keys(engine.get("batching") or {}),
         },
         "uptimeS": round(time.monotonic() - stats.started, 1),
         "settings": settings or {},

@@ -1,8 +1,11 @@
-"""The one thread that runs the model, and how work on it is superseded or cancelled.
+"""The threads that run the model, and how work on them is superseded or cancelled.
 
-All torch work (importing it, loading the model, every completion) runs on a
-single dedicated thread, so the event loop never blocks on the model and two
-requests never race for it. A `Ticket` tells a job whether it is still wanted:
+All torch work runs off the event loop, so it never blocks on the model.
+Loading and chores (forgetting a document) run in order on one thread;
+completions run on a small pool, so requests from several documents or
+editors reach the engine together and a batching backend (the native
+denoiser) runs their spans in shared steps; the engine serialises a backend
+that does not batch. A `Ticket` tells a job whether it is still wanted:
 a newer edit or request on the same document, or `$/cancelRequest`, turns it
 off, and the denoiser checks it between steps. A job whose ticket is off when
 the thread picks it up never touches the model. This module knows nothing of
@@ -97,11 +100,25 @@ class ModelChoice:
     device: str
 
 
+# Completions in flight at once: enough to fill a batch from a few editors; more
+# requests wait in the pool's queue (and are usually superseded there).
+FILL_THREADS = 8
+
+
+def _ordered_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="parafill-model")
+
+
+def _fill_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=FILL_THREADS, thread_name_prefix="parafill-fill")
+
+
 class ModelWorker:
-    """Owns the engine and the thread it runs on."""
+    """Owns the engine and the threads it runs on."""
 
     def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parafill-model")
+        self._executor = _ordered_thread()
+        self._fills = _fill_pool()
         self.engine: Any = None
         self.state: State = "idle"
         self.message = "the model loads after the client sends `initialized`"
@@ -167,20 +184,24 @@ class ModelWorker:
             except Cancelled as exc:
                 raise Superseded(str(exc)) from exc
 
-        return await self._submit(job, on_cancel=ticket.cancel)
+        return await self._submit(job, on_cancel=ticket.cancel, pool="fills")
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a short model-side chore (e.g. forgetting a document) in order with the rest."""
         return await self._submit(lambda: fn(*args))
 
-    async def _submit(self, job: Callable[[], Any], on_cancel: Callable[[], None] | None = None) -> Any:
+    async def _submit(self, job: Callable[[], Any], on_cancel: Callable[[], None] | None = None,
+                      pool: Literal["ordered", "fills"] = "ordered") -> Any:
+        def executor() -> ThreadPoolExecutor:
+            return self._fills if pool == "fills" else self._executor
+
         try:
-            future = self._executor.submit(_guarded(job))
-        except RuntimeError:  # the executor is gone (shut down): a fresh thread, unless we are closing
+            future = executor().submit(_guarded(job))
+        except RuntimeError:  # the executor is gone (shut down): fresh threads, unless we are closing
             if self._closing:
                 raise
             self._restart("its executor was shut down")
-            future = self._executor.submit(_guarded(job))
+            future = executor().submit(_guarded(job))
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -193,9 +214,11 @@ class ModelWorker:
             raise
 
     def _restart(self, reason: str) -> None:
-        """Replace the model thread; the engine (plain objects and tensors) survives."""
-        old, self._executor = self._executor, ThreadPoolExecutor(max_workers=1, thread_name_prefix="parafill-model")
-        old.shutdown(wait=False, cancel_futures=False)  # queued jobs still run there, in order
+        """Replace the model threads; the engine (plain objects and tensors) survives."""
+        old = (self._executor, self._fills)
+        self._executor, self._fills = _ordered_thread(), _fill_pool()
+        for executor in old:
+            executor.shutdown(wait=False, cancel_futures=False)  # queued jobs still run there, in order
         self.restarts += 1
         log.error("model thread restarted (%d so far): %s", self.restarts, reason)
         if self.state == "ready" and self.engine is not None:
@@ -204,7 +227,8 @@ class ModelWorker:
 
     def shutdown(self) -> None:
         self._closing = True
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for executor in (self._executor, self._fills):
+            executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _one_line(exc: BaseException) -> str:

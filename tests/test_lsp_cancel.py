@@ -97,3 +97,18 @@ async def test_cancel_request_stops_the_denoiser_between_steps(client: LanguageC
     assert after["engine"]["cancelled"] == before["engine"]["cancelled"] + 1
     assert after["engine"]["answered"]["model"] == before["engine"]["answered"]["model"] + 1
     assert time.monotonic() - started < 30
+
+
+async def test_requests_on_two_documents_share_denoising_steps(client: LanguageClient, parafill_lsp):
+    # Two documents, two requests in flight together: the server hands both to the
+    # engine at once and the batcher runs their spans in the same forward passes.
+    uris = ["file:///project/batch_a.py", "file:///project/batch_b.py"]
+    for uri in uris:
+        parafill_lsp.open(client, uri, source(uri[-4]))
+    before = (await parafill_lsp.status(client))["engine"]["batching"]
+    results = await asyncio.gather(*(parafill_lsp.inline(client, uri, 5, 4) for uri in uris))
+    after = (await parafill_lsp.status(client))["engine"]["batching"]
+    assert all(result is not None for result in results)
+    assert after["requests"] >= before["requests"] + 2  # a span that fills up grows once more
+    assert after["sharedSteps"] > before["sharedSteps"]
+    assert after["maxBatch"] >= 2
