@@ -62,7 +62,8 @@ def apply_commits(tokens: Tensor, confidence: Tensor, state: StepState) -> None:
 
     A live row commits every masked position whose confidence passes its
     threshold, and at least its `commit_count` most confident ones (stable
-    ordering: ties go to the lowest position).
+    ordering: ties go to the lowest position); masked positions after its first
+    committed end token become committed <pad>.
     """
     span, masked = state.span, state.masked
     length = span.shape[1]
@@ -78,6 +79,12 @@ def apply_commits(tokens: Tensor, confidence: Tensor, state: StepState) -> None:
     commit = open_ & ((confidence >= state.threshold[:, None]) | (rank < at_least[:, None]))
     span.copy_(torch.where(commit, tokens, span))
     masked.logical_and_(~commit)
+    # Past the first committed end token nothing reaches the text: <pad>, committed.
+    is_end = ~masked & ((span == EOS_ID) | (span == PAD_ID))
+    first = torch.where(is_end.any(1), is_end.to(torch.int32).argmax(1), torch.full_like(remaining, length))
+    after = (positions[:1] > first[:, None]) & masked & state.live[:, None]
+    span.masked_fill_(after, PAD_ID)
+    masked.logical_and_(~after)
     state.steps.add_(state.live.to(state.steps.dtype))
 
 

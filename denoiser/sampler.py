@@ -3,9 +3,10 @@
 Each step runs the model over the span only (against cached context K/V),
 takes the greedy token and its probability at every position, and commits
 every still-masked position whose probability passes the threshold, and at
-least the most confident one. The span ends at the first <eos> (or <pad>)
-once everything before it is committed. No randomness: ties go to the lowest
-position. This module does not tokenize, cache or touch the context.
+least the most confident one. Positions after the first committed <eos> (or
+<pad>) can no longer reach the text: they become <pad> at once, as in training,
+and stop costing steps. The span ends at that end token once everything before
+it is committed. No randomness: ties go to the lowest position. This module does not tokenize, cache or touch the context.
 """
 from __future__ import annotations
 
@@ -54,6 +55,17 @@ def choose_commits(confidence: torch.Tensor, masked: torch.Tensor, threshold: fl
     return commit
 
 
+def pad_after_first_end(span: torch.Tensor, masked: torch.Tensor) -> None:
+    """In place: masked positions after the first committed end token become committed <pad>."""
+    is_end = ~masked & ((span == EOS_ID) | (span == PAD_ID))
+    ends = torch.nonzero(is_end).flatten()
+    if ends.numel() == 0:
+        return
+    after = torch.arange(span.shape[0], device=span.device) > int(ends[0])
+    span[after & masked] = PAD_ID
+    masked &= ~after
+
+
 def finished_at(span: torch.Tensor, masked: torch.Tensor) -> int | None:
     """Index of the first committed end token with every position before it committed, else None."""
     is_end = ~masked & ((span == EOS_ID) | (span == PAD_ID))
@@ -92,6 +104,7 @@ def denoise_span(
         commit = choose_commits(confidence, masked, decode.confidence_threshold, at_least)
         span[0, commit] = tokens[commit]
         masked &= ~commit
+        pad_after_first_end(span[0], masked)
         steps += 1
         end = finished_at(span[0], masked)
         if end is not None:

@@ -12,7 +12,7 @@ from denoiser.batching import SpanBatcher, StepState, apply_commits, span_status
 from denoiser.config import EOS_ID, MASK_ID, PAD_ID, ModelConfig
 from denoiser.model import KVBuffers, SpanDenoiser
 from denoiser.native_backend import NativeBackend
-from denoiser.sampler import choose_commits, commit_count, denoise_span, finished_at
+from denoiser.sampler import choose_commits, commit_count, denoise_span, finished_at, pad_after_first_end
 from denoiser.step_graph import batch_bucket
 from fim.request import FimRequest, SpanPlan
 
@@ -184,6 +184,7 @@ def test_device_step_rules_equal_the_sampler(seed):
         commit = choose_commits(confidence[r], masked[r].clone(), float(threshold[r]), at_least)
         want_span = torch.where(commit, tokens[r], span[r])
         want_masked = masked[r] & ~commit
+        pad_after_first_end(want_span, want_masked)
         assert torch.equal(state.span[r], want_span) and torch.equal(state.masked[r], want_masked)
         assert int(state.steps[r]) == int(steps[r]) + 1
         end = finished_at(want_span, want_masked)

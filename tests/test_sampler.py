@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from denoiser.backend import Cancelled, DecodeSettings
-from denoiser.config import EOS_ID, MASK_ID, ModelConfig
+from denoiser.config import EOS_ID, MASK_ID, PAD_ID, ModelConfig
 from denoiser.model import KVBuffers, SpanDenoiser
-from denoiser.sampler import choose_commits, commit_count, denoise_span, finished_at
+from denoiser.sampler import choose_commits, commit_count, denoise_span, finished_at, pad_after_first_end
 
 CTX = 24
 
@@ -146,3 +146,45 @@ def test_finished_at_needs_everything_before_the_end_committed():
     assert finished_at(span, span == MASK_ID) is None
     span = torch.tensor([7, 8, EOS_ID, MASK_ID])
     assert finished_at(span, span == MASK_ID) == 2
+
+
+def test_positions_after_the_first_committed_end_become_pad():
+    span = torch.tensor([7, MASK_ID, EOS_ID, MASK_ID, 9, MASK_ID])
+    masked = span == MASK_ID
+    pad_after_first_end(span, masked)
+    assert span.tolist() == [7, MASK_ID, EOS_ID, PAD_ID, 9, PAD_ID]
+    assert masked.tolist() == [False, True, False, False, False, False]
+    untouched = torch.tensor([7, MASK_ID, 9])
+    pad_after_first_end(untouched, untouched == MASK_ID)
+    assert untouched.tolist() == [7, MASK_ID, 9]
+
+
+class ScriptedLogits:
+    """Logits that do not depend on the input: position END is a sure <eos>, every other
+    position a likely-but-unsure token 40, most confident at the end of the span."""
+
+    END = 10
+
+    def __init__(self, length):
+        self.spans: list[torch.Tensor] = []
+        self.logits = torch.zeros(1, length, 80)
+        self.logits[0, :, 40] = torch.linspace(2.0, 4.0, length)
+        self.logits[0, self.END, EOS_ID] = 50.0
+
+    def span_logits(self, span, kv, ctx_len):
+        self.spans.append(span.clone())
+        return self.logits.clone()
+
+
+def test_no_step_is_spent_past_a_committed_end():
+    # One commit per step (threshold 1.0). The first step commits the sure <eos>;
+    # the positions after it (the most confident ones left) become <pad> at once, so
+    # the model never sees a mask after the end again and the span takes one step
+    # per position before it.
+    model = ScriptedLogits(16)
+    kv = KVBuffers.allocate(make_model().config, 1, 64, "cpu", torch.float32)
+    result = denoise_span(model, kv, CTX, 16, DecodeSettings(confidence_threshold=1.0))
+    assert result.ended and result.tokens == (40,) * model.END
+    assert result.steps == model.END + 1
+    for shown in model.spans[1:]:
+        assert shown[0, model.END] == EOS_ID and not (shown[0, model.END + 1:] == MASK_ID).any()
