@@ -59,6 +59,9 @@ def test_autoregressive_baseline_and_ratio(report):
     assert fills["denoiser"]["requests"] == fills["autoregressive"]["requests"] > 0
     # Steps were capped at 4 per span (a span may grow once): at most 8 passes per request.
     assert fills["denoiser"]["forward_passes"] <= 8 * fills["denoiser"]["requests"]
+    latency = fills["denoiser"]["latency_ms"]
+    assert latency["n"] == fills["denoiser"]["requests"] and positive(latency["p50"]) and latency["p50"] <= latency["p99"]
+    assert head["complete_cold_context_ms"] == latency
 
 
 def test_context_scaling_and_concurrency(report):
