@@ -7,12 +7,24 @@ own log lines carry sizes, timings and URIs, and text only when verbose.
 """
 from __future__ import annotations
 
+import json
 import logging
 import sys
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LEVELS = ("debug", "info", "warning", "error")
 CHATTY = ("pygls", "pytest_lsp")
+# What reading a frame whose body is not JSON raises.
+UNPARSABLE = (json.JSONDecodeError, UnicodeDecodeError)
+
+
+class UnparsableFrameFilter(logging.Filter):
+    """Drops pygls's traceback for a frame that is not JSON: the server answers it with
+    ParseError and logs one line itself (`ParafillServer.report_server_error`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (record.getMessage() == "Unable to handle message" and isinstance(exc, UNPARSABLE))
 
 
 def configure_logging(level: str = "warning", log_file: str | None = None) -> None:
@@ -24,6 +36,9 @@ def configure_logging(level: str = "warning", log_file: str | None = None) -> No
     handler.setFormatter(logging.Formatter(FORMAT))
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.WARNING))
+    pygls_reader = logging.getLogger("pygls.server")
+    if not any(isinstance(f, UnparsableFrameFilter) for f in pygls_reader.filters):
+        pygls_reader.addFilter(UnparsableFrameFilter())
     set_verbose(False)
 
 

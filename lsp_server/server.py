@@ -24,7 +24,7 @@ from urllib.parse import unquote
 
 import cattrs
 from lsprotocol import types
-from pygls.exceptions import JsonRpcInvalidParams, JsonRpcInvalidRequest
+from pygls.exceptions import JsonRpcInvalidParams, JsonRpcInvalidRequest, JsonRpcParseError
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.json_rpc import JsonRPCRequestMessage
@@ -32,7 +32,7 @@ from pygls.protocol.language_server import lsp_method
 from pygls.workspace import TextDocument, Workspace
 
 from fim import resolve_language
-from lsp_server.logs import set_verbose
+from lsp_server.logs import UNPARSABLE, set_verbose
 from lsp_server.settings import Settings, parse_settings, to_wire
 from lsp_server.status import ServerStats, status_report
 from lsp_server.suggest import Placed, place_suggestion
@@ -140,8 +140,12 @@ class ParafillProtocol(LanguageServerProtocol):
     def handle_message(self, message):
         if isinstance(message, _Rejected):
             return
-        if not hasattr(message, "jsonrpc"):  # valid JSON, but no JSON-RPC message: nothing to answer
-            log.warning("dropped a message that is not JSON-RPC 2.0")
+        if not hasattr(message, "jsonrpc"):
+            # Valid JSON but no JSON-RPC message (a number, a list, {}): JSON-RPC 2.0 asks
+            # for InvalidRequest with a null id, since no id could be read.
+            log.warning("answered InvalidRequest to a message that is not JSON-RPC 2.0")
+            error = JsonRpcInvalidRequest("not a JSON-RPC 2.0 message")
+            self._send_response(None, error=error.to_response_error())
             return
         super().handle_message(message)
 
@@ -181,6 +185,14 @@ class ParafillServer(LanguageServer):
         self.pending_problems: list[str] = []  # settings problems found in initialize, shown after it
 
     # --- settings and model -------------------------------------------------------
+    def report_server_error(self, error: Exception, source: Any) -> None:
+        if isinstance(error, UNPARSABLE):
+            # The frame's body is not JSON: JSON-RPC 2.0 asks for ParseError with a null id.
+            log.warning("answered ParseError to a frame that is not JSON: %s", type(error).__name__)
+            self.protocol._send_response(None, error=JsonRpcParseError(str(error)).to_response_error())
+            return
+        super().report_server_error(error, source)
+
     def model_choice(self) -> ModelChoice:
         return ModelChoice(model=self.settings.model or self.cli_model, device=self.settings.device)
 

@@ -17,6 +17,9 @@ import pytest
 from lsp_server.soak import INVALID_PARAMS, METHOD_NOT_FOUND, main, position_of, run_soak, session
 
 
+PARSE_ERROR, INVALID_REQUEST = -32700, -32600
+
+
 def _ask(pipe, method, params, timeout=60):
     answer = pipe.wait_for(pipe.request(method, params), timeout)
     assert answer is not None, f"{method} was never answered"
@@ -71,9 +74,15 @@ def test_protocol_edges(parafill_tiny_model):
         assert answer and answer["result"]["state"] == "ready", answer
         assert _ask(pipe, "parafill/noSuchMethod", {})["error"]["code"] == METHOD_NOT_FOUND
 
-        # Malformed frames are shrugged off; the server still answers afterwards.
-        for body in (b'{"jsonrpc": "2.0", "id": 1, "method": ', b"[]", b"null", b"\xff\xfe\x00", b"{}", b"42"):
+        # Malformed frames get JSON-RPC's answer with a null id (no id could be read):
+        # ParseError for a body that is not JSON, InvalidRequest for JSON that is no
+        # request; the server still answers afterwards.
+        for body, code in ((b'{"jsonrpc": "2.0", "id": 1, "method": ', PARSE_ERROR), (b"\xff\xfe\x00", PARSE_ERROR),
+                           (b"[]", INVALID_REQUEST), (b"null", INVALID_REQUEST), (b"{}", INVALID_REQUEST),
+                           (b"42", INVALID_REQUEST)):
             pipe.send_body(body)
+            answer = pipe.wait_for(None, 60)
+            assert answer and answer["error"]["code"] == code, (body, answer)
         assert "result" in _ask(pipe, "parafill/status", {})
 
         # A lone surrogate and NULs in the document: answered, and the copies still agree.
@@ -86,6 +95,9 @@ def test_protocol_edges(parafill_tiny_model):
         soak.collect(wait=True)
     assert soak.state.failures == [], "\n".join(soak.state.failures)
     assert current.exit_code == 0
+    # Unparsable frames cost one log line each, not a traceback.
+    assert current.log_text.count("answered ParseError to a frame that is not JSON") == 2
+    assert "Unable to handle message" not in current.log_text
 
 
 @pytest.mark.slow
