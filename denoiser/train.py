@@ -232,7 +232,7 @@ def run(args) -> None:
     valid_batches = [(valid_stream.batch(settings.batch_size, span), span) for span in (16, 32, 64) for _ in range(2)]
     noise = torch.Generator().manual_seed(step + 17)
     log = open(out / "log.jsonl", "a", encoding="utf-8")
-    start = time.monotonic()
+    start, start_tokens = time.monotonic(), tokens
     deadline = start + args.minutes * 60
     span_rng = random.Random(step)
     last_print = 0.0
@@ -259,10 +259,10 @@ def run(args) -> None:
             log.flush()
         now = time.monotonic()
         if now - last_print > 2 or "valid" in record:
-            rate = tokens / max(1e-9, now - start) if step else 0
+            rate = (tokens - start_tokens) / max(1e-9, now - start)
             bar = "#" * int(30 * step / settings.total_steps)
             print(f"\r[{bar:<30}] step {step}/{settings.total_steps} mdlm {mdlm.item():.3f} ar {ar.item():.3f} "
-                  f"{(now - start) / 60:.1f} min" + (f" valid {record['valid']}" if "valid" in record else ""),
+                  f"{rate / 1000:.1f}k tok/s {(now - start) / 60:.1f} min" + (f" valid {record['valid']}" if "valid" in record else ""),
                   end="\n" if "valid" in record else "", file=sys.stderr, flush=True)
             last_print = now
         if step % args.save_every == 0:

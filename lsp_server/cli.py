@@ -23,7 +23,7 @@ EXIT_USAGE = 2
 # name -> (module, what it does); the module's main(argv) does the work.
 PASS_THROUGH = {
     "train": ("denoiser.train", "train a native model (see `parafill train --help`)"),
-    "eval": ("denoiser.evaluate", "evaluate a model on fill-in-the-middle benchmarks"),
+    "eval": ("lsp_server.evaluate", "evaluate a model on fill-in-the-middle benchmarks"),
     "bench": ("lsp_server.bench", "measure latency and throughput"),
     "corpus": ("denoiser.corpus", "build the training corpus"),
 }

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from denoiser import evaluate, humaneval
+from denoiser import humaneval
+from lsp_server import evaluate
 from denoiser.humaneval import place_cursor, run_tests, task_placement
 from fim.positions import offset_at
 

@@ -36,6 +36,8 @@ from pathlib import Path
 from denoiser import humaneval
 from denoiser.humaneval import EditorPlacement
 from fim.positions import position_at
+from lsp_server.settings import Settings
+from lsp_server.suggest import suggest
 
 TASK_SETS = ("single", "multi", "random", "random-light")
 DECODERS = ("diffusion", "autoregressive")
@@ -187,15 +189,10 @@ class Attempt:
 
 
 class CompletionPath:
-    """The server's own suggestion path (`lsp_server.suggest`) for one decoding setting.
-
-    evaluate sits above the server, like the CLI: it imports lsp_server so that
-    what is scored is exactly what an editor would be shown.
-    """
+    """The server's own suggestion path (`lsp_server.suggest`) for one decoding setting,
+    so that what is scored is exactly what an editor would be shown."""
 
     def __init__(self, engine, settings, *, postprocess: bool = True):
-        from lsp_server.suggest import suggest
-
         self.engine = engine
         self.settings = settings
         self.postprocess = postprocess
@@ -434,8 +431,6 @@ def describe_device(backend) -> str:
 
 def run(args, log=print) -> dict:
     from denoiser.engine import Engine
-    from lsp_server.settings import Settings
-
     settings = settings_from(args)
     suites = {}
     for name in parse_list(args.tasks):
