@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from denoiser.checkpoint import load_native_model, save_native_model
 from denoiser.config import MASK_ID, PAD_ID, ModelConfig
+from denoiser.corpus.shards import train_files as corpus_train_files
 from denoiser.examples import TokenExample, split_text, tokenize_splits
 from denoiser.model import SpanDenoiser, training_mask
 from denoiser.tokenizer import CodeTokenizer
@@ -199,7 +200,10 @@ def run(args) -> None:
     )
     tokenizer = CodeTokenizer.load(Path(args.tokenizer))
     corpus = Path(args.corpus)
-    train_files = read_corpus(corpus / "train.jsonl.gz")
+    try:
+        train_files = [record for path in corpus_train_files(corpus) for record in read_corpus(path)]
+    except FileNotFoundError as exc:
+        raise SystemExit(f"--corpus: {exc}") from exc
     valid_files = read_corpus(corpus / "valid.jsonl.gz")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -277,7 +281,8 @@ def run(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="parafill train", description=__doc__.split("\n")[0])
-    p.add_argument("--corpus", default="data/corpus", help="folder with train.jsonl.gz and valid.jsonl.gz")
+    p.add_argument("--corpus", default="data/corpus",
+                   help="folder with valid.jsonl.gz and train.jsonl.gz or its shards (python -m denoiser.corpus shard)")
     p.add_argument("--tokenizer", default=str(Path(__file__).parent / "default_model" / "tokenizer.json"))
     p.add_argument("--out", default="runs/default", help="run folder: checkpoint/ and log.jsonl")
     p.add_argument("--init", help="start from the weights of this model directory")

@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 import torch
 
 from denoiser.checkpoint import load_native_model
@@ -70,3 +71,24 @@ def test_training_resumes_from_its_checkpoint_and_exports_a_loadable_model(tmp_p
     assert [r["step"] for r in log if "valid" in r] == [3]
     model, _, config = load_native_model(tmp_path / "out", torch.device("cpu"))
     assert config.context_tokens == 64 and config.d_model == 32
+
+
+def test_training_reads_a_sharded_corpus(tmp_path):
+    model_dir = make_tiny_model(tmp_path / "tiny")
+    corpus = write_corpus(tmp_path / "corpus")
+    # Two shards in place of train.jsonl.gz, as `python -m denoiser.corpus shard` writes them.
+    with gzip.open(corpus / "train.jsonl.gz", "rb") as handle:
+        lines = handle.readlines()
+    (corpus / "train.jsonl.gz").unlink()
+    for i, part in enumerate((lines[:3], lines[3:])):
+        with gzip.open(corpus / f"train-{i:03d}.jsonl.gz", "wb") as handle:
+            handle.writelines(part)
+    run = tmp_path / "run"
+    train_main(["--corpus", str(corpus), "--tokenizer", str(model_dir / "tokenizer.json"), "--out", str(run),
+                "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64", "--batch-size", "4",
+                "--context-tokens", "64", "--total-steps", "2", "--device", "cpu"])
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 2
+    (corpus / "train-000.jsonl.gz").unlink()
+    (corpus / "train-001.jsonl.gz").unlink()
+    with pytest.raises(SystemExit, match="no train.jsonl.gz"):
+        train_main(["--corpus", str(corpus), "--tokenizer", str(model_dir / "tokenizer.json"), "--out", str(run)])

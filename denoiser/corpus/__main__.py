@@ -3,11 +3,13 @@
     python -m denoiser.corpus build --manifest denoiser/corpus/manifest.json --out data/corpus
     python -m denoiser.corpus pin --manifest M --pypi requests==2.32.5 --npm zod@3.23.8
     python -m denoiser.corpus pin-local --manifest M
+    python -m denoiser.corpus shard --corpus data/corpus --out data/shards --max-mb 40
 
 ``build`` downloads (into --downloads, verified by SHA-256) only when the
 manifest has registry entries.  ``pin`` asks the registries and records
 licence, URL and SHA-256 in the manifest; ``pin-local`` records the
 permissive distributions installed next to this interpreter and its stdlib.
+``shard`` cuts the train split into files small enough to send to a GPU machine.
 """
 
 from __future__ import annotations
@@ -65,6 +67,15 @@ def cmd_build(args) -> int:
          f"valid: {stats['valid']['files']} files {stats['valid']['bytes'] / 1e6:.1f} MB; "
          f"dropped {sum(stats['dropped'].values())}; {time.monotonic() - t0:.0f}s")
     print(stats["corpus_sha256"])
+    return 0
+
+
+def cmd_shard(args) -> int:
+    from .shards import write_shards
+
+    shards = write_shards(Path(args.corpus), Path(args.out), int(args.max_mb * 2**20))
+    for path in shards:
+        _log(f"{path}: {path.stat().st_size / 2**20:.1f} MiB")
     return 0
 
 
@@ -158,10 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--no-stdlib", action="store_true")
     pl.set_defaults(func=cmd_pin_local)
 
+    sh = sub.add_parser("shard", help="cut the train split into compressed shards of at most --max-mb")
+    sh.add_argument("--corpus", default="data/corpus", help="a built corpus folder")
+    sh.add_argument("--out", required=True, help="folder for train-NNN.jsonl.gz, valid.jsonl.gz, stats.json")
+    sh.add_argument("--max-mb", type=float, default=40.0, help="MiB per shard (default 40)")
+    sh.set_defaults(func=cmd_shard)
+
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ManifestError as exc:
+    except (ManifestError, FileNotFoundError, ValueError) as exc:
         parser.exit(2, f"error: {exc}\n")
 
 
