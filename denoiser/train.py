@@ -14,7 +14,6 @@ resumes from, since a GPU machine can go away at any time.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import random
@@ -30,11 +29,11 @@ from safetensors.torch import load_file, save_file
 from denoiser.checkpoint import load_native_model, save_native_model
 from denoiser.config import MASK_ID, PAD_ID, ModelConfig
 from denoiser.corpus.shards import train_files as corpus_train_files
-from denoiser.examples import TokenExample, split_text, tokenize_splits
+from denoiser.examples import TokenExample
 from denoiser.model import SpanDenoiser, training_mask
 from denoiser.tokenizer import CodeTokenizer
+from denoiser.train_data import SPAN_CHOICES, ExampleStream, PrefetchStream, fit_span, read_corpus
 
-SPAN_CHOICES = (16, 32, 32, 64)
 
 
 @dataclass(frozen=True)
@@ -49,33 +48,6 @@ class TrainSettings:
     ar_positions: int = 64
     pad_weight: float = 0.1
     seed: int = 0
-
-
-def read_corpus(path: Path) -> list[tuple[str, str, str]]:
-    """(path, language, text) records of a corpus split (jsonl or jsonl.gz)."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        return [(r["path"], r.get("language", "python"), r["text"]) for r in map(json.loads, handle)]
-
-
-class ExampleStream:
-    """Endless deterministic stream of tokenized examples from a corpus."""
-
-    def __init__(self, files, tokenizer: CodeTokenizer, settings: TrainSettings, seed: int):
-        self.files, self.tokenizer, self.settings = files, tokenizer, settings
-        self.rng = random.Random(seed)
-
-    def batch(self, size: int, span: int) -> list[TokenExample]:
-        out: list[TokenExample] = []
-        while len(out) < size:
-            splits = []
-            while len(splits) < size - len(out):
-                path, language, text = self.files[self.rng.randrange(len(self.files))]
-                split = split_text(text, path, language, self.rng)
-                if split is not None:
-                    splits.append(split)
-            out.extend(tokenize_splits(self.tokenizer, splits, self.settings.context_tokens, span - 1))
-        return out[:size]
 
 
 def collate(examples: list[TokenExample], span: int, rng: torch.Generator, device):
@@ -201,7 +173,7 @@ def run(args) -> None:
     tokenizer = CodeTokenizer.load(Path(args.tokenizer))
     corpus = Path(args.corpus)
     try:
-        train_files = [record for path in corpus_train_files(corpus) for record in read_corpus(path)]
+        train_paths = corpus_train_files(corpus)
     except FileNotFoundError as exc:
         raise SystemExit(f"--corpus: {exc}") from exc
     valid_files = read_corpus(corpus / "valid.jsonl.gz")
@@ -231,46 +203,65 @@ def run(args) -> None:
         if init_config != config:
             raise SystemExit(f"--init {args.init}: its config differs from the requested shape")
         model.load_state_dict(init_model.state_dict())
-    stream = ExampleStream(train_files, tokenizer, settings, seed=hash((stream_seed, step)) & 0xFFFFFFFF)
-    valid_stream = ExampleStream(valid_files, tokenizer, settings, seed=999)
-    valid_batches = [(valid_stream.batch(settings.batch_size, span), span) for span in (16, 32, 64) for _ in range(2)]
+    seed = hash((stream_seed, step)) & 0xFFFFFFFF
+    if args.data_workers:
+        stream = PrefetchStream(train_paths, Path(args.tokenizer), settings.context_tokens, seed,
+                                args.data_workers, settings.batch_size)
+        next_batch = stream.batch
+    else:
+        train_files = [record for path in train_paths for record in read_corpus(path)]
+        local = ExampleStream(train_files, tokenizer, settings.context_tokens, seed)
+        next_batch = lambda: local.batch(settings.batch_size)  # noqa: E731
+    valid_stream = ExampleStream(valid_files, tokenizer, settings.context_tokens, seed=999)
+    valid_batches = [([fit_span(e, span) for e in valid_stream.batch(settings.batch_size)], span)
+                     for span in (16, 32, 64) for _ in range(2)]
     noise = torch.Generator().manual_seed(step + 17)
     log = open(out / "log.jsonl", "a", encoding="utf-8")
     start, start_tokens = time.monotonic(), tokens
     deadline = start + args.minutes * 60
     span_rng = random.Random(step)
     last_print = 0.0
-    while step < settings.total_steps and time.monotonic() < deadline:
-        span = span_rng.choice(SPAN_CHOICES)
-        examples = stream.batch(settings.batch_size, span)
-        batch = collate(examples, span, noise, device)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, settings)
-        with autocast(device):
-            mdlm, ar = losses(model, batch, settings, noise)
-            loss = mdlm + settings.ar_weight * ar
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        step += 1
-        tokens += int(batch["causal_len"].sum()) + len(examples) * span
-        record = {"step": step, "tokens": tokens, "mdlm": round(mdlm.item(), 4), "ar": round(ar.item(), 4), "lr": lr_at(step, settings)}
-        if step % args.valid_every == 0:
-            record["valid"] = validate(model, valid_batches, settings, device)
-        if step % args.log_every == 0 or "valid" in record:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-        now = time.monotonic()
-        if now - last_print > 2 or "valid" in record:
-            rate = (tokens - start_tokens) / max(1e-9, now - start)
-            bar = "#" * int(30 * step / settings.total_steps)
-            print(f"\r[{bar:<30}] step {step}/{settings.total_steps} mdlm {mdlm.item():.3f} ar {ar.item():.3f} "
-                  f"{rate / 1000:.1f}k tok/s {(now - start) / 60:.1f} min" + (f" valid {record['valid']}" if "valid" in record else ""),
-                  end="\n" if "valid" in record else "", file=sys.stderr, flush=True)
-            last_print = now
-        if step % args.save_every == 0:
-            save_checkpoint(ckpt, model, optimizer, step, tokens, settings.seed)
+    try:
+        while step < settings.total_steps and time.monotonic() < deadline:
+            span = span_rng.choice(SPAN_CHOICES)
+            examples = [fit_span(e, span) for e in next_batch()]
+            batch = collate(examples, span, noise, device)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, settings)
+            with autocast(device):
+                mdlm, ar = losses(model, batch, settings, noise)
+                loss = mdlm + settings.ar_weight * ar
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            tokens += sum(len(e.context) + len(e.middle) for e in examples) + len(examples) * span
+            if step % args.save_every == 0:
+                save_checkpoint(ckpt, model, optimizer, step, tokens, settings.seed)
+            now = time.monotonic()
+            validating = step % args.valid_every == 0
+            printing = now - last_print > 2 or validating
+            if not (printing or validating or step % args.log_every == 0):
+                continue  # reading a loss back waits for the GPU: only when it is shown
+            record = {"step": step, "tokens": tokens, "mdlm": round(mdlm.item(), 4), "ar": round(ar.item(), 4),
+                      "lr": lr_at(step, settings)}
+            if validating:
+                record["valid"] = validate(model, valid_batches, settings, device)
+            if step % args.log_every == 0 or validating:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if printing:
+                rate = (tokens - start_tokens) / max(1e-9, now - start)
+                bar = "#" * int(30 * step / settings.total_steps)
+                print(f"\r[{bar:<30}] step {step}/{settings.total_steps} mdlm {record['mdlm']:.3f} ar {record['ar']:.3f} "
+                      f"{rate / 1000:.1f}k tok/s {(now - start) / 60:.1f} min"
+                      + (f" valid {record['valid']}" if validating else ""),
+                      end="\n" if validating else "", file=sys.stderr, flush=True)
+                last_print = now
+    finally:
+        if args.data_workers:
+            stream.close()
     save_checkpoint(ckpt, model, optimizer, step, tokens, settings.seed)
     print(f"\nsaved {ckpt} at step {step} ({tokens / 1e6:.1f}M tokens)", file=sys.stderr)
     if args.export:
@@ -291,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--int8", action="store_true", help="export int8 weights with per-channel scales")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--data-workers", type=int, default=0,
+                   help="processes that build batches ahead of the loop (a GPU needs several; 0: in-process)")
     p.add_argument("--minutes", type=float, default=9.0, help="stop (and save) after this long")
     p.add_argument("--total-steps", type=int, default=20000)
     p.add_argument("--warmup-steps", type=int, default=200)

@@ -73,7 +73,7 @@ def test_training_resumes_from_its_checkpoint_and_exports_a_loadable_model(tmp_p
     assert config.context_tokens == 64 and config.d_model == 32
 
 
-def test_training_reads_a_sharded_corpus(tmp_path):
+def test_training_reads_a_sharded_corpus_with_a_data_worker(tmp_path):
     model_dir = make_tiny_model(tmp_path / "tiny")
     corpus = write_corpus(tmp_path / "corpus")
     # Two shards in place of train.jsonl.gz, as `python -m denoiser.corpus shard` writes them.
@@ -86,7 +86,7 @@ def test_training_reads_a_sharded_corpus(tmp_path):
     run = tmp_path / "run"
     train_main(["--corpus", str(corpus), "--tokenizer", str(model_dir / "tokenizer.json"), "--out", str(run),
                 "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64", "--batch-size", "4",
-                "--context-tokens", "64", "--total-steps", "2", "--device", "cpu"])
+                "--context-tokens", "64", "--total-steps", "2", "--device", "cpu", "--data-workers", "1"])
     assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 2
     (corpus / "train-000.jsonl.gz").unlink()
     (corpus / "train-001.jsonl.gz").unlink()
