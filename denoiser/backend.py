@@ -47,6 +47,7 @@ class FillResult:
     steps: int
     context_tokens: int
     reused_context_tokens: int
+    shortened: bool = False  # a device-fault fallback cut the span: not worth caching
 
 
 class Backend(Protocol):

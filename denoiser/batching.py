@@ -216,6 +216,13 @@ class BatchCounters:
                 "steps_by_batch_size": dict(sorted(self.per_batch_size.items()))}
 
 
+def shared_failure(exc: BaseException) -> Exception:
+    """The error a request gets when a step it shared with others failed."""
+    error = RuntimeError(f"a shared denoising step failed: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
 # --- the batcher -----------------------------------------------------------------------
 class SpanBatcher:
     """Denoises spans for any number of threads at once, sharing steps between them."""
@@ -339,8 +346,11 @@ class SpanBatcher:
             try:
                 finished += self._step_bucket(span_len, jobs)
             except BaseException as exc:
-                for job in jobs:
-                    job.error = exc
+                # One request re-raises the failure itself; the others get their own
+                # error that names it (same text, so a device fault still reads as one),
+                # so one fault is not raised, logged and recovered N times as the same object.
+                for i, job in enumerate(jobs):
+                    job.error = exc if i == 0 else shared_failure(exc)
                 finished += jobs
         for job in finished:
             if job.row is not None:

@@ -127,7 +127,8 @@ class Engine:
             raise Cancelled("cancelled before the model ran")
         result = self._fill(request, decode, document, is_cancelled)
         with self._state_lock:
-            self._completions[key] = result
+            if not result.shortened:  # a fallback's shorter answer must not outlive the fault
+                self._completions[key] = result
             self._context_tokens += result.context_tokens
             self._reused_context_tokens += result.reused_context_tokens
         return self._answer(document, request, result.text, "model", result, started)
@@ -160,6 +161,8 @@ class Engine:
         concurrent = getattr(backend, "concurrent_fill", False)
         with contextlib.nullcontext() if concurrent else self._backend_lock:
             try:
+                if is_cancelled():  # it may have waited for the lock while the user typed on
+                    raise Cancelled("cancelled while waiting for the model")
                 return fill(backend, request)
             except Cancelled:
                 self._count("cancelled")
@@ -169,13 +172,18 @@ class Engine:
                     self._record_error(exc)
                     raise
                 if not concurrent:
-                    return self._recover(exc, request, fill)
+                    return self._recover(exc, request, fill, backend)
                 fault = exc
         with self._backend_lock:
-            return self._recover(fault, request, fill)
+            return self._recover(fault, request, fill, backend)
 
-    def _recover(self, exc: BaseException, request: FimRequest, fill: Callable) -> FillResult:
-        """Called with the backend lock held, after a device fault."""
+    def _recover(self, exc: BaseException, request: FimRequest, fill: Callable, failed: Backend) -> FillResult:
+        """Called with the backend lock held, after `failed` hit a device fault."""
+        if self.backend is not failed:
+            # Another request's recovery already replaced the backend (moved it to the
+            # CPU): this one simply runs again there, with nothing more to undo.
+            self._count("fallbacks")
+            return fill(self.backend, request)
         self._record_error(exc)
         for handler in self.fallbacks:
             retry = handler(exc, request)
@@ -196,12 +204,12 @@ class Engine:
         raise exc
 
     def _fallback_smaller_span(self, exc: BaseException, request: FimRequest):
-        """Free cached GPU memory and retry with half the span."""
+        """Free cached GPU memory and retry with half the span (the answer is not cached)."""
         if request.span.max_tokens <= 16:
             return None
         self._release_device_memory()
         smaller = replace(request, span=replace(request.span, max_tokens=request.span.max_tokens // 2))
-        return lambda fill: fill(self.backend, smaller)
+        return lambda fill: replace(fill(self.backend, smaller), shortened=True)
 
     def _fallback_cpu(self, exc: BaseException, request: FimRequest):
         """Move the model to the CPU for good: slower, but the editor keeps getting answers."""
@@ -217,9 +225,14 @@ class Engine:
         return retry
 
     def _release_device_memory(self) -> None:
+        # The backend's own method takes its cache lock: other threads may be filling.
+        release = getattr(self.backend, "release_device_memory", None)
+        if release is not None:
+            release()
+            return
         clear = getattr(getattr(self.backend, "context_cache", None), "clear", None)
         if clear:
-            clear()
+            clear()  # a backend that does not batch: the engine's lock is held, nobody else is in it
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

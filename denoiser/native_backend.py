@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from denoiser.backend import DecodeSettings, FillResult, resolve_device
+from denoiser.backend import Cancelled, DecodeSettings, FillResult, resolve_device
 from denoiser.batching import DEFAULT_MAX_BATCH, SpanBatcher
 from denoiser.checkpoint import load_native_model
 from denoiser.examples import context_ids
@@ -127,8 +127,10 @@ class NativeBackend:
 
             # Graphs read fixed addresses: one context K/V tensor per span bucket, never reallocated.
             capacity = min(self.config.max_positions, self.max_context_tokens + self.max_total_span_tokens)
-            return SpanBatcher(self.model, step_runner=GraphStep(max_batch=max_batch), fixed_capacity=capacity,
-                               **options)
+            # Capture must not overlap another thread's prefill (a cudaMalloc mid-capture
+            # breaks it): it holds the cache lock, which every prefill takes.
+            step = GraphStep(max_batch=max_batch, capture_lock=self._cache_lock)
+            return SpanBatcher(self.model, step_runner=step, fixed_capacity=capacity, **options)
         return SpanBatcher(self.model, **options)
 
     @contextmanager
@@ -171,6 +173,10 @@ class NativeBackend:
         ids = self.context_ids(request)
         span_len = span_bucket(request.span.max_tokens)
         with self._document_turn(document):
+            # Waiting for the turn can outlast the request (typing on, or the document closed
+            # and forgotten meanwhile: a prefill now would bring its entry back).
+            if is_cancelled():
+                raise Cancelled("cancelled while waiting for this document's turn")
             with self._cache_lock:
                 slot = self.context_cache.prepare(document, ids)
             # Another document's prefill may evict this entry meanwhile; the batch keeps its K/V alive.
@@ -201,9 +207,17 @@ class NativeBackend:
             self.context_cache.forget(document)
 
     def clear(self) -> None:
-        """Drop every cached context (the engine frees device memory after a fault)."""
+        """Drop every cached context."""
         with self._cache_lock:
             self.context_cache.clear()
+
+    def release_device_memory(self) -> None:
+        """After a device fault: drop cached contexts and return freed blocks to the driver,
+        under the cache lock (no prefill, and no graph capture, runs meanwhile)."""
+        with self._cache_lock:
+            self.context_cache.clear()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def batching_stats(self) -> dict:
         return self.batcher.stats()

@@ -22,6 +22,7 @@ no policy: which requests run together is the batcher's business.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -60,8 +61,10 @@ class GraphStep:
     # Even a lone request runs from the static rows (one context copy on joining).
     pooled_when_alone = True
 
-    def __init__(self, *, max_batch: int):
+    def __init__(self, *, max_batch: int, capture_lock=None):
         self.max_batch = max_batch
+        # Held while capturing: other threads' CUDA work (a prefill) must wait meanwhile.
+        self._capture_lock = capture_lock if capture_lock is not None else contextlib.nullcontext()
         self._graphs: dict[tuple, _Captured] = {}
         self._eager = EagerStep()
         self.disabled: str | None = None  # why graphs are off, once a capture failed
@@ -80,7 +83,8 @@ class GraphStep:
         captured = self._graphs.get(key)
         if captured is None:
             try:
-                captured = self._capture(model, state.span.shape[1], bucket, kv, banned, vocab_limit)
+                with self._capture_lock:
+                    captured = self._capture(model, state.span.shape[1], bucket, kv, banned, vocab_limit)
             except Exception as exc:  # never lose an answer to a graph problem
                 self.disabled = f"{type(exc).__name__}: {exc}"
                 log.warning("CUDA graph capture failed, running the step eagerly from now on: %s", self.disabled)
@@ -119,7 +123,8 @@ class GraphStep:
                 step()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: CUDA calls of other threads neither join nor break this capture.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             done, ended, first = step()
         self.captures += 1
         log.info("captured the denoising step: span %d, batch %d, context capacity %d", span_len, rows, kv.capacity)

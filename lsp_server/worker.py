@@ -200,7 +200,7 @@ class ModelWorker:
         except RuntimeError:  # the executor is gone (shut down): fresh threads, unless we are closing
             if self._closing:
                 raise
-            self._restart("its executor was shut down")
+            self._restart("its executor was shut down", pool)
             future = executor().submit(_guarded(job))
         try:
             return await asyncio.wrap_future(future)
@@ -210,15 +210,16 @@ class ModelWorker:
             future.cancel()
             raise
         except WorkerCrashed as exc:
-            self._restart(str(exc))
+            self._restart(str(exc), pool)
             raise
 
-    def _restart(self, reason: str) -> None:
-        """Replace the model threads; the engine (plain objects and tensors) survives."""
-        old = (self._executor, self._fills)
-        self._executor, self._fills = _ordered_thread(), _fill_pool()
-        for executor in old:
-            executor.shutdown(wait=False, cancel_futures=False)  # queued jobs still run there, in order
+    def _restart(self, reason: str, pool: Literal["ordered", "fills"]) -> None:
+        """Replace the threads of `pool`; the engine (plain objects and tensors) survives."""
+        if pool == "fills":
+            old, self._fills = self._fills, _fill_pool()
+        else:
+            old, self._executor = self._executor, _ordered_thread()
+        old.shutdown(wait=False, cancel_futures=False)  # queued jobs still run there, in order
         self.restarts += 1
         log.error("model thread restarted (%d so far): %s", self.restarts, reason)
         if self.state == "ready" and self.engine is not None:

@@ -257,3 +257,48 @@ def test_cuda_graph_step_equals_eager_step():
     captures = runner.captures
     assert [graphed.denoise(kv, n, span, decode) for kv, (n, span, decode) in zip(contexts, CASES)] == want
     assert runner.captures == captures
+
+
+def test_a_failed_shared_step_fails_each_request_with_its_own_error(model, contexts):
+    batcher = SpanBatcher(model, device="cpu", dtype=torch.float32, vocab_limit=VOCAB - 3)
+    fault = RuntimeError("CUDA error: injected")
+    real_step = batcher._step_bucket
+
+    def failing(span_len, jobs):
+        if len(jobs) > 1:
+            raise fault
+        return real_step(span_len, jobs)
+
+    batcher._step_bucket = failing
+    cases = [(n, 16, DecodeSettings(confidence_threshold=1.0)) for n, _, _ in CASES[:3]]
+    errors: dict[int, BaseException] = {}
+    driving = threading.Event()
+
+    def work(i):
+        def gate():
+            if i == 0 and not driving.is_set():
+                driving.set()
+                deadline = time.monotonic() + 10
+                while batcher.pending < 2 and time.monotonic() < deadline:
+                    time.sleep(0.001)
+            return False
+
+        n, span, decode = cases[i]
+        try:
+            batcher.denoise(contexts[i], n, span, decode, gate)
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            errors[i] = exc
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    threads[0].start()
+    assert driving.wait(timeout=10)
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert set(errors) == {0, 1, 2}
+    originals = [e for e in errors.values() if e is fault]
+    others = [e for e in errors.values() if e is not fault]
+    assert len(originals) == 1 and len(others) == 2 and len({id(e) for e in others}) == 2
+    assert all(isinstance(e, RuntimeError) and e.__cause__ is fault and "CUDA error: injected" in str(e)
+               for e in others)

@@ -238,3 +238,54 @@ def test_autoregressive_baseline_uses_the_same_prompt(backend):
     assert result.tokens <= span_bucket(16) and result.steps >= result.tokens
     # Again for the same document: the context K/V is reused (all but the last token, whose state it needs).
     assert ar.fill(request(), DecodeSettings(), document="a") == replace(result, reused_context_tokens=len(ids) - 1)
+
+
+def test_a_shortened_fallback_answer_is_not_cached(model_dir):
+    backend = CountingBackend(NativeBackend(model_dir, "cpu"), faults=[torch.cuda.OutOfMemoryError("CUDA out of memory")])
+    engine = Engine(backend)
+    assert engine.complete(request(max_tokens=64), document="a").source == "model"
+    # The fault is over: the same request runs the model again at its full span.
+    engine.forget("a")  # no typed-ahead either
+    assert engine.complete(request(max_tokens=64), document="a").source == "model"
+    assert [r.span.max_tokens for r in backend.calls] == [64, 32, 64]
+
+
+def test_a_fault_after_another_request_moved_the_model_runs_again_there(model_dir):
+    # Two requests share a GPU batch; the first to recover moves the model to the CPU.
+    # The second must simply run again on the new backend: no halved span, no second move.
+    moved = CountingBackend(NativeBackend(model_dir, "cpu"))
+    engine = Engine(moved)
+
+    class GpuBackend(CountingBackend):
+        concurrent_fill = True
+
+        def fill(self, request, decode, *, document, is_cancelled):
+            self.calls.append(request)
+            engine.backend = moved  # another thread's recovery happened meanwhile
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    gpu = GpuBackend(NativeBackend(model_dir, "cpu"))
+    engine.backend = gpu
+    result = engine.complete(request(max_tokens=32), document="a")
+    assert result.source == "model"
+    assert [r.span.max_tokens for r in gpu.calls] == [32] and [r.span.max_tokens for r in moved.calls] == [32]
+    assert engine.backend is moved and engine.status()["fallbacks"] == 1
+
+
+def test_a_request_cancelled_while_waiting_for_its_document_never_prefills(model_dir):
+    native = NativeBackend(model_dir, "cpu")
+    with pytest.raises(Cancelled):
+        native.fill(request(), DecodeSettings(), document="closed", is_cancelled=lambda: True)
+    assert "closed" not in native.context_cache
+
+
+def test_releasing_device_memory_waits_for_a_prefill_in_progress(model_dir):
+    native = NativeBackend(model_dir, "cpu")
+    native.fill(request(), DecodeSettings(steps=2), document="a")
+    released = threading.Event()
+    with native._cache_lock:  # stands for another thread's prefill
+        worker = threading.Thread(target=lambda: (native.release_device_memory(), released.set()))
+        worker.start()
+        assert not released.wait(0.2) and "a" in native.context_cache
+    worker.join(timeout=10)
+    assert released.is_set() and "a" not in native.context_cache
