@@ -59,12 +59,14 @@ def native_context_ids(tokenizer, request: FimRequest, max_context_tokens: int) 
     )
 
 
-def configure_cpu_threads() -> None:
-    """Leave one core for the server's event loop, unless the user set OMP_NUM_THREADS."""
+def configure_cpu_threads(leave_one_for_event_loop: bool = True) -> None:
+    """torch's CPU threads: all cores but one, which the server's event loop keeps
+    (a command with no event loop, `parafill complete`, takes them all); at most 8,
+    and never against the user's OMP_NUM_THREADS."""
     if "OMP_NUM_THREADS" in os.environ:
         return
     cores = os.cpu_count() or 1
-    torch.set_num_threads(max(1, min(cores - 1, 8)))
+    torch.set_num_threads(max(1, min(cores - leave_one_for_event_loop, 8)))
 
 
 def needs_more_span(text: str, mode: str) -> bool:

@@ -150,6 +150,10 @@ def run_complete(args: argparse.Namespace) -> int:
 
     load_started = time.perf_counter()
     engine = load_engine(args.model, args.device)
+    if engine.backend.device.type == "cpu":
+        from denoiser.native_backend import configure_cpu_threads
+
+        configure_cpu_threads(leave_one_for_event_loop=False)  # one request, no event loop: every core
     load_ms = (time.perf_counter() - load_started) * 1000
     found = suggest(engine, text, line_no - 1, character, document=str(path.resolve()), path=str(path),
                     language_id=args.language, settings=settings)

@@ -289,3 +289,21 @@ def test_releasing_device_memory_waits_for_a_prefill_in_progress(model_dir):
         assert not released.wait(0.2) and "a" in native.context_cache
     worker.join(timeout=10)
     assert released.is_set() and "a" not in native.context_cache
+
+
+def test_cpu_threads_leave_a_core_for_the_event_loop_unless_told(monkeypatch):
+    from denoiser.native_backend import configure_cpu_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    try:
+        configure_cpu_threads()
+        assert torch.get_num_threads() == 3
+        configure_cpu_threads(leave_one_for_event_loop=False)
+        assert torch.get_num_threads() == 4
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        configure_cpu_threads(leave_one_for_event_loop=False)  # the user's choice stands
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
