@@ -241,6 +241,8 @@ class SpanBatcher:
         self.fixed_capacity = fixed_capacity
         self.banned = torch.tensor(NEVER_WRITTEN, dtype=torch.long, device=self.device)
         self.counters = BatchCounters()
+        # The driver counts while it runs steps without `_cond`; `stats` reads under this.
+        self._counting = threading.Lock()
         self._cond = threading.Condition()
         self._pending: list[SpanJob] = []
         self._active: list[SpanJob] = []
@@ -253,7 +255,7 @@ class SpanBatcher:
         return len(self._pending)
 
     def stats(self) -> dict:
-        with self._cond:
+        with self._counting:
             return self.counters.as_dict()
 
     def denoise(self, kv: KVBuffers, ctx_len: int, span_len: int, decode: DecodeSettings,
@@ -264,7 +266,8 @@ class SpanBatcher:
         """
         job = self._new_job(kv, ctx_len, span_len, decode, is_cancelled)
         with self._cond:
-            self.counters.requests += 1
+            with self._counting:
+                self.counters.requests += 1
             self._pending.append(job)
             while not job.done:
                 if self._driving:
@@ -325,7 +328,8 @@ class SpanBatcher:
             if cancelled:
                 if job.error is None:
                     job.error = Cancelled("span denoising cancelled")
-                    self.counters.cancelled += 1
+                    with self._counting:
+                        self.counters.cancelled += 1
                 finished.append(job)
             else:
                 running.append(job)
@@ -333,12 +337,14 @@ class SpanBatcher:
             if job.row is not None:
                 self._rows[job.span_len].release(job)
         if running:
-            self.counters.steps += 1
-            self.counters.request_steps += len(running)
-            self.counters.shared_steps += len(running) > 1
-            self.counters.max_batch = max(self.counters.max_batch, len(running))
-            sizes = self.counters.per_batch_size
-            sizes[len(running)] = sizes.get(len(running), 0) + 1
+            with self._counting:
+                counters = self.counters
+                counters.steps += 1
+                counters.request_steps += len(running)
+                counters.shared_steps += len(running) > 1
+                counters.max_batch = max(counters.max_batch, len(running))
+                sizes = counters.per_batch_size
+                sizes[len(running)] = sizes.get(len(running), 0) + 1
         buckets: dict[int, list[SpanJob]] = {}
         for job in running:
             buckets.setdefault(job.span_len, []).append(job)
@@ -370,7 +376,8 @@ class SpanBatcher:
         return rows
 
     def _step_bucket(self, span_len: int, jobs: list[SpanJob]) -> list[SpanJob]:
-        self.counters.forwards += 1
+        with self._counting:
+            self.counters.forwards += 1
         runner = self.step_runner
         if len(jobs) == 1 and jobs[0].row is None and not runner.pooled_when_alone:
             # Alone: its own cached K/V and int ctx_len, no copy (the single-request path).
