@@ -120,8 +120,11 @@ class EagerStep:
 
     def __call__(self, model, state, kv, rows, banned, vocab_limit):
         view = kv if kv.k.shape[1] == rows else KVBuffers(kv.k[:, :rows], kv.v[:, :rows])
+        # On the CPU the LM head runs only where a token is still wanted (exact: the
+        # commit rule reads nothing else); on CUDA the gather's host sync costs more.
+        only = state.masked & state.live[:, None] if state.span.device.type == "cpu" else None
         tokens, confidence = model.span_tokens(state.span, view, state.ctx_len, banned_ids=banned,
-                                               vocab_limit=vocab_limit)
+                                               vocab_limit=vocab_limit, only=only)
         apply_commits(tokens, confidence, state)
         return span_status(state.span, state.masked)
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from denoiser.config import ModelConfig
+from denoiser.config import MASK_ID, ModelConfig
 from kernels import apply_rotary, lm_head_argmax, rms_norm
 from kernels import span_attention as fused_span_attention
 
@@ -198,16 +198,26 @@ class SpanDenoiser(nn.Module):
 
     @torch.no_grad()
     def span_tokens(self, span_ids: Tensor, kv: KVBuffers, ctx_len: int | Tensor, *,
-                    banned_ids: Tensor | None = None, vocab_limit: int | None = None) -> tuple[Tensor, Tensor]:
+                    banned_ids: Tensor | None = None, vocab_limit: int | None = None,
+                    only: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Greedy token and its probability at every span position ([B, L] int64, [B, L] fp32).
 
         Final norm, tied LM head and softmax-max fused (kernels.lm_head_argmax):
         the [B, L, V] logits are never materialised on a GPU. banned_ids and ids
-        >= vocab_limit are never chosen.
+        >= vocab_limit are never chosen. `only` ([B, L] bool): run the head at
+        these positions alone (the still-masked ones; the head is ~40% of a CPU
+        step); the others get MASK_ID and confidence -1. Its gather syncs with
+        the host, so CUDA graphs never pass it.
         """
         hidden = self.span_hidden(span_ids, kv, ctx_len)
-        return lm_head_argmax(hidden, self.final_norm.weight, self.final_norm.eps, self.embed.weight,
-                              banned_ids=banned_ids, vocab_limit=vocab_limit)
+        head = (self.final_norm.weight, self.final_norm.eps, self.embed.weight)
+        if only is None:
+            return lm_head_argmax(hidden, *head, banned_ids=banned_ids, vocab_limit=vocab_limit)
+        tokens = torch.full(span_ids.shape, MASK_ID, dtype=torch.long, device=span_ids.device)
+        confidence = torch.full(span_ids.shape, -1.0, dtype=torch.float32, device=span_ids.device)
+        tokens[only], confidence[only] = lm_head_argmax(hidden[only], *head, banned_ids=banned_ids,
+                                                        vocab_limit=vocab_limit)
+        return tokens, confidence
 
 
 def training_mask(causal_len: Tensor, ctx_len: Tensor, causal_region: int, span: int) -> Tensor:

@@ -103,3 +103,19 @@ def test_prefill_refuses_to_overflow_the_cache():
     kv = KVBuffers.allocate(model.config, 1, 16, "cpu", torch.float32)
     with pytest.raises(ValueError, match="exceeds"):
         model.prefill(random_ids(17, 8), kv, 0)
+
+
+def test_span_tokens_at_chosen_positions_equal_the_full_head():
+    model = make_model(4)
+    kv = KVBuffers.allocate(model.config, 2, 64, "cpu", torch.float32)
+    model.prefill(torch.cat((random_ids(20, 5), random_ids(20, 6))), kv, 0)
+    span = torch.cat((random_ids(12, 7), random_ids(12, 8)))
+    span[:, ::2] = MASK_ID
+    banned = torch.tensor([MASK_ID])
+    with torch.no_grad():
+        tokens, confidence = model.span_tokens(span, kv, 20, banned_ids=banned)
+        only = span == MASK_ID
+        some_tokens, some_confidence = model.span_tokens(span, kv, 20, banned_ids=banned, only=only)
+    assert torch.equal(some_tokens[only], tokens[only])
+    assert torch.allclose(some_confidence[only], confidence[only], atol=1e-6)
+    assert (some_tokens[~only] == MASK_ID).all() and (some_confidence[~only] == -1).all()
