@@ -33,6 +33,8 @@ import threading
 import time
 from pathlib import Path
 
+from lsp_server.settings import Settings
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results"
 
@@ -66,7 +68,7 @@ class Plan:
         # Decode settings of real fills and the LSP session: the product's defaults, or at
         # most 4 steps per span for CI (random weights are never confident, so each span
         # would otherwise take one step per token).
-        self.decode_steps = 4 if quick else 0
+        self.decode_steps = 4 if quick else Settings().steps
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -627,7 +629,7 @@ def run(model_dir: Path, args: argparse.Namespace, plan: Plan) -> dict:
         "command": " ".join(["parafill", "bench", *args.argv]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "quick": plan.quick,
-        "decode": {"steps": plan.decode_steps or "adaptive (0)", "confidence_threshold": 0.9},
+        "decode": {"steps": plan.decode_steps or "adaptive (0)", "confidence_threshold": Settings().confidence_threshold},
         "device": {**describe_device(device), "bandwidth": bandwidth},
         "model": {"dir": str(model_dir), "parameters": backend.parameters, "dtype": str(backend.dtype).replace("torch.", ""),
                   "config": backend.config.to_json(), "step_runner": type(backend.batcher.step_runner).__name__},
