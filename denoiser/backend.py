@@ -48,6 +48,9 @@ class FillResult:
     context_tokens: int
     reused_context_tokens: int
     shortened: bool = False  # a device-fault fallback cut the span: not worth caching
+    # How sure the model was of this text: the geometric mean of the probabilities
+    # it gave each written token (and the end) when committing it; None: not known.
+    confidence: float | None = None
 
 
 class Backend(Protocol):

@@ -32,7 +32,7 @@ from torch import Tensor
 from denoiser.backend import Cancelled, DecodeSettings
 from denoiser.config import EOS_ID, MASK_ID, PAD_ID
 from denoiser.model import KVBuffers
-from denoiser.sampler import NEVER_WRITTEN, SpanResult
+from denoiser.sampler import NEVER_WRITTEN, SpanResult, scored_confidence
 
 # Pooled context rows grow in steps of this many positions (few reallocations).
 CAPACITY_STEP = 1024
@@ -46,6 +46,8 @@ class StepState:
 
     ctx_len: int (one context for all rows) or int tensor [B].
     live: rows still being denoised (a finished row in a CUDA graph stays put).
+    committed: [B, L] fp32, the probability each position had when it was
+    committed (None: not tracked).
     """
 
     span: Tensor
@@ -55,6 +57,7 @@ class StepState:
     threshold: Tensor
     max_steps: Tensor
     ctx_len: int | Tensor
+    committed: Tensor | None = None
 
 
 def apply_commits(tokens: Tensor, confidence: Tensor, state: StepState) -> None:
@@ -78,6 +81,8 @@ def apply_commits(tokens: Tensor, confidence: Tensor, state: StepState) -> None:
     rank = torch.empty_like(order).scatter_(1, order, positions)
     commit = open_ & ((confidence >= state.threshold[:, None]) | (rank < at_least[:, None]))
     span.copy_(torch.where(commit, tokens, span))
+    if state.committed is not None:
+        state.committed.copy_(torch.where(commit, confidence, state.committed))
     masked.logical_and_(~commit)
     # Past the first committed end token nothing reaches the text: <pad>, committed.
     is_end = ~masked & ((span == EOS_ID) | (span == PAD_ID))
@@ -300,6 +305,7 @@ class SpanBatcher:
             threshold=torch.full((1,), decode.confidence_threshold, dtype=torch.float32, device=dev),
             max_steps=torch.full((1,), decode.steps, dtype=torch.long, device=dev),
             ctx_len=ctx_len,
+            committed=torch.zeros((1, span_len), dtype=torch.float32, device=dev),
         )
         return SpanJob(kv, ctx_len, span_len, decode, is_cancelled, state)
 
@@ -405,11 +411,13 @@ class SpanBatcher:
             threshold=torch.cat([s.threshold for s in states]),
             max_steps=torch.cat([s.max_steps for s in states]),
             ctx_len=torch.tensor([j.ctx_len for j in jobs], dtype=torch.int32, device=self.device),
+            committed=torch.cat([s.committed for s in states]),
         )
         done, ended, first = runner(self.model, state, pool.kv, n, self.banned, self.vocab_limit)
         for i, job in enumerate(jobs):
             s = job.state
             s.span, s.masked, s.steps = state.span[i:i + 1], state.masked[i:i + 1], state.steps[i:i + 1]
+            s.committed = state.committed[i:i + 1]
         return self._harvest(jobs, state, done, ended, first)
 
     @staticmethod
@@ -425,6 +433,8 @@ class SpanBatcher:
                 continue
             row = state.span[i]
             tokens = row[: first_l[i]] if ended_l[i] else row
-            job.result = SpanResult(tuple(tokens.tolist()), int(steps_l[i]), bool(ended_l[i]))
+            # The middle's tokens and, if written, the end token are what the suggestion rests on.
+            scored = scored_confidence(state.committed[i], first_l[i] + 1 if ended_l[i] else row.numel())
+            job.result = SpanResult(tuple(tokens.tolist()), int(steps_l[i]), bool(ended_l[i]), *scored)
             out.append(job)
         return out

@@ -38,6 +38,7 @@ class Completion:
     context_tokens: int
     reused_context_tokens: int
     elapsed_ms: float
+    confidence: float | None = None  # FillResult.confidence; None for typed-ahead (already shown once)
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,7 @@ class Engine:
             context_tokens=result.context_tokens if result else 0,
             reused_context_tokens=result.reused_context_tokens if result else 0,
             elapsed_ms=elapsed_ms,
+            confidence=result.confidence if result else None,
         )
 
     def _fill(self, request: FimRequest, decode: DecodeSettings, document: str, is_cancelled) -> FillResult:

@@ -10,6 +10,7 @@ engine does).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from contextlib import contextmanager
@@ -184,6 +185,7 @@ class NativeBackend:
             # Another document's prefill may evict this entry meanwhile; the batch keeps its K/V alive.
             result = self.batcher.denoise(slot.kv, slot.length, span_len, decode, is_cancelled)
             middle, steps = list(result.tokens), result.steps
+            log_confidence, scored = result.log_confidence, result.scored
             if not result.ended and span_len * 2 <= self.max_total_span_tokens:
                 if needs_more_span(self.tokenizer.decode(middle), request.span.mode):
                     # Simplest exact way to write on: the committed span becomes context
@@ -196,12 +198,14 @@ class NativeBackend:
                     more = self.batcher.denoise(grown.kv, grown.length, span_len, decode, is_cancelled)
                     middle += more.tokens
                     steps += more.steps
+                    log_confidence, scored = log_confidence + more.log_confidence, scored + more.scored
         return FillResult(
             text=self.tokenizer.decode(middle),
             tokens=len(middle),
             steps=steps,
             context_tokens=len(ids),
             reused_context_tokens=slot.reused,
+            confidence=math.exp(log_confidence / scored) if scored else None,
         )
 
     def forget(self, document: str) -> None:

@@ -11,7 +11,7 @@ it is committed. No randomness: ties go to the lowest position. This module does
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -27,11 +27,25 @@ END_TOKENS = (EOS_ID, PAD_ID)
 
 @dataclass(frozen=True)
 class SpanResult:
-    """tokens: the middle (before the first end token); ended: an end token was written."""
+    """tokens: the middle (before the first end token); ended: an end token was written.
+
+    log_confidence: the sum of log-probabilities the model gave each token of the
+    middle, and the end token, when it committed them; `scored` counts them. They
+    tell how sure the model was of the whole suggestion (compared approximately:
+    a batched forward may differ from a lone one in the last bits).
+    """
 
     tokens: tuple[int, ...]
     steps: int
     ended: bool
+    log_confidence: float = field(default=0.0, compare=False)
+    scored: int = field(default=0, compare=False)
+
+
+def scored_confidence(committed: torch.Tensor, length: int) -> tuple[float, int]:
+    """(sum of log p, count) over the first `length` commit-time probabilities of a span row."""
+    values = committed[:length].double().clamp(min=1e-30)
+    return float(values.log().sum()), int(values.numel())
 
 
 def commit_count(remaining: int, steps_used: int, max_steps: int) -> int:
@@ -91,6 +105,7 @@ def denoise_span(
     device = kv.k.device
     span = torch.full((1, span_len), MASK_ID, dtype=torch.long, device=device)
     masked = torch.ones(span_len, dtype=torch.bool, device=device)
+    committed = torch.zeros(span_len, dtype=torch.float32, device=device)  # probability at commit
     steps = 0
     while True:
         if is_cancelled():
@@ -103,11 +118,12 @@ def denoise_span(
         at_least = commit_count(int(masked.sum()), steps, decode.steps)
         commit = choose_commits(confidence, masked, decode.confidence_threshold, at_least)
         span[0, commit] = tokens[commit]
+        committed[commit] = confidence[commit]
         masked &= ~commit
         pad_after_first_end(span[0], masked)
         steps += 1
         end = finished_at(span[0], masked)
         if end is not None:
-            return SpanResult(tuple(span[0, :end].tolist()), steps, True)
+            return SpanResult(tuple(span[0, :end].tolist()), steps, True, *scored_confidence(committed, end + 1))
         if not bool(masked.any()):
-            return SpanResult(tuple(span[0].tolist()), steps, False)
+            return SpanResult(tuple(span[0].tolist()), steps, False, *scored_confidence(committed, span_len))

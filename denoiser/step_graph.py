@@ -102,6 +102,7 @@ class GraphStep:
             threshold=torch.ones(rows, dtype=torch.float32, device=device),
             max_steps=torch.zeros(rows, dtype=torch.long, device=device),
             ctx_len=torch.zeros(rows, dtype=torch.int32, device=device),
+            committed=torch.zeros((rows, span_len), dtype=torch.float32, device=device),
         )
         view = KVBuffers(kv.k[:, :rows], kv.v[:, :rows])
 
@@ -133,7 +134,7 @@ class GraphStep:
     def _replay(self, captured: _Captured, state: StepState, rows: int):
         static = captured.state
         # Device-to-device copies into the static inputs (no sync); spare rows idle.
-        for name in ("span", "masked", "steps", "live", "threshold", "max_steps"):
+        for name in ("span", "masked", "steps", "live", "threshold", "max_steps", "committed"):
             getattr(static, name)[:rows].copy_(getattr(state, name))
         ctx = state.ctx_len
         if isinstance(ctx, Tensor):
@@ -146,7 +147,7 @@ class GraphStep:
             static.ctx_len[rows:].fill_(0)
         captured.graph.replay()
         self.replays += 1
-        for name in ("span", "masked", "steps", "live"):
+        for name in ("span", "masked", "steps", "live", "committed"):
             getattr(state, name).copy_(getattr(static, name)[:rows])
         # Outputs of the graph's own memory: cloned before the next replay overwrites them.
         return captured.done[:rows].clone(), captured.ended[:rows].clone(), captured.first[:rows].clone()

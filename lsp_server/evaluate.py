@@ -186,6 +186,7 @@ class Attempt:
     source: str
     test: Future | None = None  # a humaneval.TestOutcome, for HumanEval tasks
     extra: dict = field(default_factory=dict)
+    confidence: float | None = None  # the model's own certainty (the minConfidence setting gates on it)
 
 
 class CompletionPath:
@@ -226,6 +227,24 @@ def percentile(values: list[float], p: float) -> float | None:
     return ordered[min(len(ordered), rank) - 1]
 
 
+# minConfidence values whose effect each summary reports (what a user would be shown, and how good it is).
+CONFIDENCE_GATES = (0.3, 0.5, 0.7, 0.9)
+
+
+def gated(attempts: list[Attempt]) -> dict:
+    """For each gate: the share of items that would show a suggestion, and how good those are."""
+    out = {}
+    for gate in CONFIDENCE_GATES:
+        shown = [a for a in attempts if a.completion.strip() and (a.confidence is None or a.confidence >= gate)]
+        entry = {"shown": _mean(a in shown for a in attempts) if attempts else None,
+                 "exact_match_of_shown": _mean(exact_match(a.completion, a.expected) for a in shown)}
+        tested = [a for a in shown if a.test is not None]
+        if tested:
+            entry["pass@1_of_shown"] = _mean(a.test.result().passed for a in tested)
+        out[f"{gate:g}"] = entry
+    return out
+
+
 def summarise(attempts: list[Attempt]) -> dict:
     n = len(attempts)
     model_runs = [a for a in attempts if a.source == "model"]
@@ -254,6 +273,8 @@ def summarise(attempts: list[Attempt]) -> dict:
         outcomes = [a.test.result() for a in tested]
         summary["pass@1"] = _mean(o.passed for o in outcomes)
         summary["timeouts"] = sum(1 for o in outcomes if o.status == "timeout")
+    if any(a.confidence is not None for a in attempts):
+        summary["min_confidence"] = gated(attempts)
     return summary
 
 
@@ -373,7 +394,7 @@ def evaluate_setting(setting, backend, base_settings, suites, heldout, args, poo
                 document=f"eval:{name}:{task.task_id}",
             )
             attempt = Attempt(task.task_id, text, placement.expected, latency, result.tokens, result.steps,
-                              result.source)
+                              result.source, confidence=result.confidence)
             attempt.test = pool.submit(humaneval.run_tests, task, placement.program(text),
                                        timeout_s=args.test_timeout, memory_mb=args.test_memory_mb)
             attempts.append(attempt)
@@ -389,7 +410,7 @@ def evaluate_setting(setting, backend, base_settings, suites, heldout, args, poo
                 document=f"eval:heldout:{example.example_id}",
             )
             attempts.append(Attempt(example.example_id, text, example.placement.expected, latency,
-                                    result.tokens, result.steps, result.source))
+                                    result.tokens, result.steps, result.source, confidence=result.confidence))
         results["heldout"] = summarise(attempts)
         samples += [_sample(setting, "heldout", a) for a in attempts]
         log(f"  {setting.label} | heldout: {len(attempts)} done")
@@ -399,7 +420,8 @@ def evaluate_setting(setting, backend, base_settings, suites, heldout, args, poo
 def _sample(setting: Setting, suite: str, attempt: Attempt) -> dict:
     record = {"setting": setting.label, "suite": suite, "id": attempt.item_id, "completion": attempt.completion,
               "expected": attempt.expected, "latency_ms": round(attempt.latency_ms, 2), "tokens": attempt.tokens,
-              "steps": attempt.steps}
+              "steps": attempt.steps,
+              "confidence": None if attempt.confidence is None else round(attempt.confidence, 4)}
     if attempt.test is not None:
         outcome = attempt.test.result()
         record.update(passed=outcome.passed, status=outcome.status)

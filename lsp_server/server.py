@@ -325,9 +325,10 @@ class ParafillServer(LanguageServer):
 
     def _log_suggestion(self, kind: str, uri: str, position: types.Position, placed: Placed, ms: float) -> None:
         found = placed.suggestion
-        log.info("%s %s:%d:%d %s, %d tokens, %d steps, model %.1f ms, total %.1f ms, %s",
+        confidence = "-" if found.confidence is None else f"{found.confidence:.2f}"
+        log.info("%s %s:%d:%d %s, %d tokens, %d steps, confidence %s, model %.1f ms, total %.1f ms, %s",
                  kind, uri, position.line, position.character, found.source, found.tokens, found.steps,
-                 found.model_ms, ms, "item" if placed.insert_text is not None else "no item")
+                 confidence, found.model_ms, ms, "item" if placed.insert_text is not None else "no item")
         if self.settings.verbose_logging:
             log.info("raw fill %r -> insert %r", found.raw, placed.insert_text)
 

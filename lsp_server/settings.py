@@ -25,6 +25,7 @@ class Settings:
     span_tokens_block: int = 64  # longest suggestion of whole lines
     steps: int = 0  # most denoising steps per span; 0 = as many as the span needs
     confidence_threshold: float = 0.9  # commit every position at least this confident
+    min_confidence: float = 0.0  # show only suggestions the model is at least this sure of (0 = all)
     debounce_ms: int = 75  # wait this long after a keystroke before automatic requests run
     enabled_languages: tuple[str, ...] = field(default=())  # language ids; empty = all
     max_snippets: int = 2  # regions of other open documents shown to the model
@@ -55,6 +56,14 @@ def _fraction(value: Any) -> tuple[Any, str | None]:
         return None, "a number greater than 0 and at most 1"
     if not 0 < value <= 1:
         return None, "a number greater than 0 and at most 1"
+    return float(value), None
+
+
+def _unit(value: Any) -> tuple[Any, str | None]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None, "a number from 0 to 1"
+    if not 0 <= value <= 1:
+        return None, "a number from 0 to 1"
     return float(value), None
 
 
@@ -90,6 +99,7 @@ _CHECKS = {
     "span_tokens_block": _whole(1, 1024),
     "steps": _whole(0, 1024),
     "confidence_threshold": _fraction,
+    "min_confidence": _unit,
     "debounce_ms": _whole(0, 10_000),
     "enabled_languages": _languages,
     "max_snippets": _whole(0, 16),

@@ -29,6 +29,7 @@ class Suggestion:
     steps: int
     model_ms: float  # time inside the engine
     total_ms: float  # build_request + engine + postprocess
+    confidence: float | None = None  # the model's own certainty (engine Completion.confidence)
 
 
 def context_options(settings: Settings) -> ContextOptions:
@@ -77,6 +78,8 @@ def suggest(
     )
     completion = engine.complete(request, decode_settings(settings), document=document, is_cancelled=is_cancelled)
     final = postprocess(completion.text, request)
+    if final is not None and completion.confidence is not None and completion.confidence < settings.min_confidence:
+        final = None  # the model itself doubts it: showing it would only teach the user to ignore suggestions
     return Suggestion(
         text=final,
         raw=completion.text,
@@ -86,6 +89,7 @@ def suggest(
         steps=completion.steps,
         model_ms=completion.elapsed_ms,
         total_ms=(time.perf_counter() - started) * 1000,
+        confidence=completion.confidence,
     )
 
 

@@ -130,6 +130,10 @@ def test_concurrent_requests_share_steps_and_get_the_unbatched_answers(model, co
     results, errors = run_together(batcher, contexts, CASES)
     assert not errors
     assert [results[i] for i in range(len(CASES))] == unbatched
+    # The model's certainty of each span is the same, to float rounding of a batched forward.
+    for i, alone in enumerate(unbatched):
+        assert results[i].scored == alone.scored > 0
+        assert results[i].log_confidence == pytest.approx(alone.log_confidence, rel=1e-4, abs=1e-4)
     stats = batcher.stats()
     # Every request's steps were run, but fewer driver steps than requests x steps.
     assert stats["request_steps"] == sum(r.steps for r in unbatched)

@@ -307,3 +307,18 @@ def test_cpu_threads_leave_a_core_for_the_event_loop_unless_told(monkeypatch):
         assert torch.get_num_threads() == 4
     finally:
         torch.set_num_threads(before)
+
+
+def test_suggestions_the_model_doubts_are_not_shown(model_dir):
+    from lsp_server.settings import Settings
+    from lsp_server.suggest import suggest
+
+    engine = Engine(NativeBackend(model_dir, "cpu"))
+    text = PREFIX + "\n" + SUFFIX
+    line, character = 1, len("    return")
+    shown = suggest(engine, text, line, character, document="a", settings=Settings(steps=4))
+    assert shown.confidence is not None and 0 < shown.confidence < 1  # random weights: unsure
+    assert shown.text is not None, "the tiny model writes something here, or the check below proves little"
+    doubted = suggest(engine, text, line, character, document="b",
+                      settings=Settings(steps=4, min_confidence=min(1.0, shown.confidence * 1.5)))
+    assert doubted.text is None and doubted.raw == shown.raw and doubted.confidence == pytest.approx(shown.confidence)

@@ -187,6 +187,9 @@ def test_tiny_end_to_end(tmp_path, capsys):
             assert 0.0 <= metrics["exact_match"] <= 1.0 and 0.0 <= metrics["edit_similarity"] <= 1.0
             assert metrics["latency_ms"]["p50"] > 0 and metrics["latency_ms"]["p90"] >= metrics["latency_ms"]["p50"]
             assert metrics["tokens_per_step"] is not None and metrics["tokens_per_s"] is not None
+    # The native denoiser reports its certainty, so the minConfidence table is there.
+    gates = report["settings"][0]["metrics"]["single"]["min_confidence"]
+    assert set(gates) == {"0.3", "0.5", "0.7", "0.9"} and all(0 <= g["shown"] <= 1 for g in gates.values())
     # autoregressive decoding writes one token per forward pass
     assert report["settings"][1]["metrics"]["single"]["tokens_per_step"] <= 1.0
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -194,6 +197,24 @@ def test_tiny_end_to_end(tmp_path, capsys):
     assert len(samples) == 2 * (2 + 2) and all("status" in s for s in samples if s["suite"] == "single")
     table = capsys.readouterr().out
     assert "single pass@1" in table and "autoregressive" in table
+
+
+def test_confidence_gates_count_what_would_be_shown():
+    from concurrent.futures import Future
+
+    def attempt(completion, expected, confidence, passed=None):
+        a = evaluate.Attempt("id", completion, expected, 1.0, 1, 1, "model", confidence=confidence)
+        if passed is not None:
+            a.test = Future()
+            a.test.set_result(humaneval.TestOutcome(passed, "passed" if passed else "failed", ""))
+        return a
+
+    attempts = [attempt("x = 1", "x = 1", 0.95, True), attempt("y", "z", 0.6, False),
+                attempt("", "q", 0.99, False), attempt("w", "w", 0.2, True)]
+    gates = evaluate.gated(attempts)
+    assert gates["0.5"] == {"shown": 0.5, "exact_match_of_shown": 0.5, "pass@1_of_shown": 0.5}
+    assert gates["0.9"] == {"shown": 0.25, "exact_match_of_shown": 1.0, "pass@1_of_shown": 1.0}
+    assert gates["0.3"]["shown"] == 0.5  # the empty completion is never shown, however sure
 
 
 def test_missing_corpus_is_a_clear_error(tmp_path, capsys):

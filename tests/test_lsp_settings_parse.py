@@ -12,7 +12,7 @@ def test_defaults_round_trip_through_the_wire_names():
     wire = to_wire(Settings())
     assert set(wire) == {
         "model", "device", "contextTokens", "spanTokensLine", "spanTokensBlock", "steps",
-        "confidenceThreshold", "debounceMs", "enabledLanguages", "maxSnippets", "verboseLogging",
+        "confidenceThreshold", "minConfidence", "debounceMs", "enabledLanguages", "maxSnippets", "verboseLogging",
     }
     parsed, problems = parse_settings(wire)
     assert (parsed, problems) == (Settings(), [])
@@ -32,6 +32,8 @@ def test_nested_and_flat_are_the_same():
     ("confidenceThreshold", 0),
     ("confidenceThreshold", math.nan),
     ("confidenceThreshold", "0.5"),
+    ("minConfidence", -0.1),
+    ("minConfidence", 1.5),
     ("device", "CUDA:0"),
     ("enabledLanguages", [1, 2]),
     ("verboseLogging", "yes"),
@@ -59,3 +61,8 @@ def test_nothing_changes_nothing(raw):
 def test_not_an_object(raw):
     parsed, problems = parse_settings(raw)
     assert parsed == Settings() and "must be an object" in problems[0]
+
+
+def test_min_confidence_takes_zero_and_one():
+    assert parse_settings({"minConfidence": 0})[0].min_confidence == 0.0
+    assert parse_settings({"minConfidence": 1})[0].min_confidence == 1.0

@@ -1,11 +1,13 @@
 """Confidence-threshold parallel unmasking: deterministic, >= 1 commit per step, bounded steps."""
+import math
+
 import pytest
 import torch
 
 from denoiser.backend import Cancelled, DecodeSettings
 from denoiser.config import EOS_ID, MASK_ID, PAD_ID, ModelConfig
 from denoiser.model import KVBuffers, SpanDenoiser
-from denoiser.sampler import choose_commits, commit_count, denoise_span, finished_at, pad_after_first_end
+from denoiser.sampler import NEVER_WRITTEN, choose_commits, commit_count, denoise_span, finished_at, pad_after_first_end
 
 CTX = 24
 
@@ -188,3 +190,15 @@ def test_no_step_is_spent_past_a_committed_end():
     assert result.steps == model.END + 1
     for shown in model.spans[1:]:
         assert shown[0, model.END] == EOS_ID and not (shown[0, model.END + 1:] == MASK_ID).any()
+
+
+def test_the_result_carries_the_probability_of_each_written_token():
+    model = ScriptedLogits(16)
+    kv = KVBuffers.allocate(make_model().config, 1, 64, "cpu", torch.float32)
+    result = denoise_span(model, kv, CTX, 16, DecodeSettings(confidence_threshold=1.0))
+    logits = model.logits[0].double()
+    logits[:, list(NEVER_WRITTEN)] = float("-inf")  # the sampler never writes these
+    probabilities = torch.softmax(logits, -1)
+    want = sum(math.log(probabilities[i, 40]) for i in range(model.END)) + math.log(probabilities[model.END, EOS_ID])
+    assert result.scored == model.END + 1
+    assert result.log_confidence == pytest.approx(want, rel=1e-5)

@@ -34,6 +34,7 @@ export const SETTINGS: readonly SettingSpec[] = [
   { key: 'spanTokensBlock', type: 'integer', server: true, minimum: 1, maximum: 1024 },
   { key: 'steps', type: 'integer', server: true, minimum: 0, maximum: 1024 },
   { key: 'confidenceThreshold', type: 'number', server: true, exclusiveMinimum: 0, maximum: 1 },
+  { key: 'minConfidence', type: 'number', server: true, minimum: 0, maximum: 1 },
   { key: 'debounceMs', type: 'integer', server: true, minimum: 0, maximum: 10000 },
   { key: 'enabledLanguages', type: 'string[]', server: true },
   { key: 'maxSnippets', type: 'integer', server: true, minimum: 0, maximum: 16 },

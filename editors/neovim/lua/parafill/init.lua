@@ -18,8 +18,8 @@ M.defaults = {
   -- Filetypes to attach to; nil keeps lsp/parafill.lua's list.
   filetypes = nil,
   -- Server settings, camelCase as on the wire (model, device, contextTokens,
-  -- spanTokensLine, spanTokensBlock, steps, confidenceThreshold, debounceMs,
-  -- enabledLanguages, maxSnippets, verboseLogging).
+  -- spanTokensLine, spanTokensBlock, steps, confidenceThreshold, minConfidence,
+  -- debounceMs, enabledLanguages, maxSnippets, verboseLogging).
   settings = {},
   -- Show suggestions as ghost text (needs Neovim >= 0.12).
   inline = true,
