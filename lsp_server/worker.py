@@ -103,6 +103,8 @@ class ModelChoice:
 # Completions in flight at once: enough to fill a batch from a few editors; more
 # requests wait in the pool's queue (and are usually superseded there).
 FILL_THREADS = 8
+# A reload waits at most this long for cancelled completions to reach their next step.
+DRAIN_TIMEOUT_S = 10.0
 
 
 def _ordered_thread() -> ThreadPoolExecutor:
@@ -126,6 +128,9 @@ class ModelWorker:
         self._loads = 0
         self.restarts = 0
         self._closing = False
+        # Completions in flight (event loop only): a reload cancels and awaits them, so
+        # the old model is freed before the new one loads (two 7B models rarely fit).
+        self._running: dict[asyncio.Future, Ticket] = {}
 
     @property
     def ready(self) -> bool:
@@ -143,6 +148,7 @@ class ModelWorker:
         self.state = "loading"
         self.message = f"loading {choice.model or 'the default model'} on {choice.device}"
         loop = asyncio.get_running_loop()
+        await self._drain(DRAIN_TIMEOUT_S)
 
         def report(message: str, percent: int) -> None:
             loop.call_soon_threadsafe(progress, message, percent)
@@ -184,7 +190,21 @@ class ModelWorker:
             except Cancelled as exc:
                 raise Superseded(str(exc)) from exc
 
-        return await self._submit(job, on_cancel=ticket.cancel, pool="fills")
+        future = asyncio.ensure_future(self._submit(job, on_cancel=ticket.cancel, pool="fills"))
+        self._running[future] = ticket
+        future.add_done_callback(lambda done: self._running.pop(done, None))
+        return await future
+
+    async def _drain(self, timeout_s: float) -> None:
+        """Cancel the completions in flight (they stop at their next step) and wait for them."""
+        if not self._running:
+            return
+        for ticket in list(self._running.values()):
+            ticket.cancel()
+        done, pending = await asyncio.wait(list(self._running), timeout=timeout_s)
+        if pending:
+            log.warning("%d completions still running after %.0f s; loading the new model beside them",
+                        len(pending), timeout_s)
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a short model-side chore (e.g. forgetting a document) in order with the rest."""
