@@ -38,7 +38,7 @@ class Completion:
     context_tokens: int
     reused_context_tokens: int
     elapsed_ms: float
-    confidence: float | None = None  # FillResult.confidence; None for typed-ahead (already shown once)
+    confidence: float | None = None  # the fill's FillResult.confidence (typed-ahead: the fill it continues)
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class _Suggestion:
 
     request: FimRequest
     text: str
+    confidence: float | None = None  # of the fill it came from: its remainder is gated alike
 
 
 def typed_ahead_remainder(last: _Suggestion, request: FimRequest) -> str | None:
@@ -120,7 +121,8 @@ class Engine:
             key = (request.context_key(), decode.steps, decode.confidence_threshold)
             cached: FillResult | None = self._completions.get(key) if remainder is None else None
         if remainder is not None:
-            return self._answer(document, request, remainder, "typed_ahead", None, started)
+            return self._answer(document, request, remainder, "typed_ahead", None, started,
+                                confidence=last.confidence)
         if cached is not None:
             return self._answer(document, request, cached.text, "completion_cache", cached, started)
         if is_cancelled():
@@ -134,14 +136,17 @@ class Engine:
             self._reused_context_tokens += result.reused_context_tokens
         return self._answer(document, request, result.text, "model", result, started)
 
-    def _answer(self, document, request, text, source: Source, result: FillResult | None, started) -> Completion:
+    def _answer(self, document, request, text, source: Source, result: FillResult | None, started,
+                confidence: float | None = None) -> Completion:
         elapsed_ms = (time.perf_counter() - started) * 1000
+        if result is not None:
+            confidence = result.confidence
         with self._state_lock:
             self._counts[source] += 1
             self._latency_ms.append(elapsed_ms)
             if source == "model":
                 self._model_latency_ms.append(elapsed_ms)
-            self._last[document] = _Suggestion(request, text)
+            self._last[document] = _Suggestion(request, text, confidence)
         return Completion(
             text=text,
             source=source,
@@ -150,7 +155,7 @@ class Engine:
             context_tokens=result.context_tokens if result else 0,
             reused_context_tokens=result.reused_context_tokens if result else 0,
             elapsed_ms=elapsed_ms,
-            confidence=result.confidence if result else None,
+            confidence=confidence,
         )
 
     def _fill(self, request: FimRequest, decode: DecodeSettings, document: str, is_cancelled) -> FillResult:

@@ -69,6 +69,9 @@ class ExampleStream:
 
 def _worker(paths: list[str], tokenizer_path: str, context_tokens: int, seed: int, size: int,
             results: multiprocessing.Queue, stop) -> None:
+    # Batches still buffered when told to stop are dropped: without this the process
+    # would wait at exit until the loop, which no longer reads, took them.
+    results.cancel_join_thread()
     files = [record for path in paths for record in read_corpus(Path(path))]
     stream = ExampleStream(files, CodeTokenizer.load(Path(tokenizer_path)), context_tokens, seed)
     while not stop.is_set():
@@ -119,6 +122,7 @@ class PrefetchStream:
             process.join(timeout=5)
             if process.is_alive():
                 process.terminate()
+                process.join(timeout=5)
 
 
 def worker_seed(seed: int, worker: int) -> int:

@@ -24,7 +24,7 @@ from urllib.parse import unquote
 
 import cattrs
 from lsprotocol import types
-from pygls.exceptions import JsonRpcInvalidParams, JsonRpcInvalidRequest, JsonRpcParseError
+from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams, JsonRpcInvalidRequest, JsonRpcParseError
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.json_rpc import JsonRPCRequestMessage
@@ -186,7 +186,7 @@ class ParafillServer(LanguageServer):
 
     # --- settings and model -------------------------------------------------------
     def report_server_error(self, error: Exception, source: Any) -> None:
-        if isinstance(error, UNPARSABLE):
+        if isinstance(error, UNPARSABLE) and source is JsonRpcException:  # the reader's error, not a handler's
             # The frame's body is not JSON: JSON-RPC 2.0 asks for ParseError with a null id.
             log.warning("answered ParseError to a frame that is not JSON: %s", type(error).__name__)
             self.protocol._send_response(None, error=JsonRpcParseError(str(error)).to_response_error())

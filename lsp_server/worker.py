@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import concurrent.futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
@@ -128,9 +129,10 @@ class ModelWorker:
         self._loads = 0
         self.restarts = 0
         self._closing = False
-        # Completions in flight (event loop only): a reload cancels and awaits them, so
-        # the old model is freed before the new one loads (two 7B models rarely fit).
-        self._running: dict[asyncio.Future, Ticket] = {}
+        # Completions on their threads (event loop only): a reload cancels and awaits
+        # them, so the old model is freed before the new one loads (two 7B models rarely
+        # fit). Keyed by the thread's own future: it outlives a request the client cancelled.
+        self._running: dict[concurrent.futures.Future, Ticket] = {}
 
     @property
     def ready(self) -> bool:
@@ -154,6 +156,8 @@ class ModelWorker:
             loop.call_soon_threadsafe(progress, message, percent)
 
         def job():
+            if load_id != self._loads:
+                return None  # a newer load was asked for while this one waited: skip the work
             from denoiser.engine import Engine  # imports torch: on this thread, never on the loop
 
             return Engine.load(choice.model or None, device=choice.device, progress=report)
@@ -166,7 +170,7 @@ class ModelWorker:
                 self.message = _one_line(exc)
             log.error("model failed to load: %s", _one_line(exc))
             return
-        if load_id == self._loads:  # a newer load started meanwhile: it wins
+        if load_id == self._loads and engine is not None:  # a newer load started meanwhile: it wins
             self.engine = engine
             self.state = "ready"
             self.message = f"{engine.backend.name} ready on {engine.backend.device}"
@@ -190,18 +194,22 @@ class ModelWorker:
             except Cancelled as exc:
                 raise Superseded(str(exc)) from exc
 
-        future = asyncio.ensure_future(self._submit(job, on_cancel=ticket.cancel, pool="fills"))
-        self._running[future] = ticket
-        future.add_done_callback(lambda done: self._running.pop(done, None))
-        return await future
+        return await self._submit(job, on_cancel=ticket.cancel, pool="fills", ticket=ticket)
+
+    def _forget_running(self, loop: asyncio.AbstractEventLoop, future: concurrent.futures.Future) -> None:
+        try:  # any thread: the bookkeeping itself belongs to the event loop
+            loop.call_soon_threadsafe(self._running.pop, future, None)
+        except RuntimeError:  # the loop has closed (the server is exiting): nothing left to track
+            pass
 
     async def _drain(self, timeout_s: float) -> None:
-        """Cancel the completions in flight (they stop at their next step) and wait for them."""
+        """Cancel the completions in flight (they stop at their next step) and wait for their threads."""
         if not self._running:
             return
         for ticket in list(self._running.values()):
             ticket.cancel()
-        done, pending = await asyncio.wait(list(self._running), timeout=timeout_s)
+        waiting = [asyncio.wrap_future(future) for future in self._running]
+        done, pending = await asyncio.wait(waiting, timeout=timeout_s)
         if pending:
             log.warning("%d completions still running after %.0f s; loading the new model beside them",
                         len(pending), timeout_s)
@@ -211,7 +219,7 @@ class ModelWorker:
         return await self._submit(lambda: fn(*args))
 
     async def _submit(self, job: Callable[[], Any], on_cancel: Callable[[], None] | None = None,
-                      pool: Literal["ordered", "fills"] = "ordered") -> Any:
+                      pool: Literal["ordered", "fills"] = "ordered", ticket: Ticket | None = None) -> Any:
         def executor() -> ThreadPoolExecutor:
             return self._fills if pool == "fills" else self._executor
 
@@ -222,6 +230,10 @@ class ModelWorker:
                 raise
             self._restart("its executor was shut down", pool)
             future = executor().submit(_guarded(job))
+        if ticket is not None:
+            loop = asyncio.get_running_loop()
+            self._running[future] = ticket
+            future.add_done_callback(lambda done: self._forget_running(loop, done))
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:

@@ -70,3 +70,14 @@ def test_shard_command_and_its_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         corpus_main(["shard", "--corpus", str(tmp_path / "corpus"), "--out", str(tmp_path / "u"), "--max-mb", "0.5"])
     assert "too small" in capsys.readouterr().err
+
+
+def test_shards_refuse_the_corpus_folder_and_an_empty_split(tmp_path):
+    make_corpus(tmp_path / "corpus", records=3)
+    with pytest.raises(ValueError, match="another folder"):
+        write_shards(tmp_path / "corpus", tmp_path / "corpus", 4 << 20)
+    (tmp_path / "empty").mkdir()
+    with gzip.open(tmp_path / "empty" / "train.jsonl.gz", "wb"):
+        pass
+    with pytest.raises(ValueError, match="no records"):
+        write_shards(tmp_path / "empty", tmp_path / "out", 4 << 20)

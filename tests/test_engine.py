@@ -322,3 +322,20 @@ def test_suggestions_the_model_doubts_are_not_shown(model_dir):
     doubted = suggest(engine, text, line, character, document="b",
                       settings=Settings(steps=4, min_confidence=min(1.0, shown.confidence * 1.5)))
     assert doubted.text is None and doubted.raw == shown.raw and doubted.confidence == pytest.approx(shown.confidence)
+
+
+def test_typed_ahead_keeps_the_confidence_of_the_fill_it_continues(model_dir):
+    from lsp_server.settings import Settings
+    from lsp_server.suggest import suggest
+
+    engine = Engine(NativeBackend(model_dir, "cpu"))
+    text = PREFIX + "\n" + SUFFIX
+    line, character = 1, len("    return")
+    first = suggest(engine, text, line, character, document="a", settings=Settings(steps=4))
+    assert first.text and first.confidence is not None
+    typed = first.text[0]
+    doubtful = Settings(steps=4, min_confidence=min(1.0, first.confidence * 1.5))
+    text_typed = PREFIX + typed + "\n" + SUFFIX
+    after = suggest(engine, text_typed, line, character + 1, document="a", settings=doubtful)
+    assert after.source == "typed_ahead" and after.confidence == pytest.approx(first.confidence)
+    assert after.text is None, "a doubted suggestion must not come back through typed-ahead"

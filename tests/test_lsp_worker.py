@@ -73,3 +73,24 @@ async def test_a_reload_cancels_running_completions_before_loading(monkeypatch):
     assert events == ["load first", "stopped on first", "load second"]
     assert worker.ready and worker.engine.name == "second"
     worker.shutdown()
+
+
+async def test_a_reload_waits_for_the_thread_of_a_request_the_client_cancelled(monkeypatch):
+    events: list[str] = []
+    worker = await loaded_worker(monkeypatch, events)
+    started = threading.Event()
+
+    def slow(engine, *, is_cancelled):
+        started.set()
+        time.sleep(0.5)  # a step in progress: the thread runs on after $/cancelRequest
+        events.append("old model's step done")
+        return "late"
+
+    request = asyncio.ensure_future(worker.run(Supersession().begin("a", "inline"), slow))
+    await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+    request.cancel()  # what pygls does on $/cancelRequest
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    await worker.load(ModelChoice("second", "cpu"), lambda *a: None)
+    assert events == ["load first", "old model's step done", "load second"]
+    worker.shutdown()

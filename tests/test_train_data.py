@@ -2,6 +2,7 @@
 import gzip
 import json
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,14 @@ def test_a_dead_worker_is_an_error_not_a_hang(tmp_path, tokenizer_path):
             stream.batch()
     finally:
         stream.close()
+
+
+def test_closing_stops_workers_that_are_ahead_of_the_loop(tmp_path, tokenizer_path):
+    shard = tmp_path / "train-000.jsonl.gz"
+    write_split(shard, 5)
+    stream = PrefetchStream([shard], tokenizer_path, 256, 3, workers=2, size=256)  # batches > a pipe buffer
+    stream.batch()
+    time.sleep(1.0)  # the workers fill their queues with batches nobody will read
+    stream.close()
+    # They left by themselves (exit code 0), not killed by terminate() (-15), and were reaped.
+    assert [p.exitcode for p in stream._processes] == [0, 0]

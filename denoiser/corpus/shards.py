@@ -39,6 +39,8 @@ def write_shards(corpus: Path, out: Path, max_bytes: int) -> list[Path]:
     source = corpus / "train.jsonl.gz"
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist (build the corpus first)")
+    if out.resolve() == corpus.resolve():
+        raise ValueError("--out must be another folder than the corpus (a folder holds one form of the split)")
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(SHARD_PATTERN):
         stale.unlink()
@@ -56,11 +58,17 @@ def write_shards(corpus: Path, out: Path, max_bytes: int) -> list[Path]:
                     # filename="" and mtime=0: the same corpus gives the same shard bytes.
                     gz = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9)
                 gz.write(line)
+    except BaseException:
+        for path in shards:  # half a split must not pass for a whole one
+            path.unlink(missing_ok=True)
+        raise
     finally:
         if gz is not None:
             gz.close()
             raw.close()
+    if not shards:
+        raise ValueError(f"{source} holds no records")
     for name in ("valid.jsonl.gz", "stats.json"):
-        if (corpus / name).exists() and corpus.resolve() != out.resolve():
+        if (corpus / name).exists():
             shutil.copyfile(corpus / name, out / name)
     return shards
