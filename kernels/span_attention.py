@@ -100,7 +100,9 @@ def _span_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
-    # The span's own keys, bidirectional: handled by the last chunk's program.
+    # The span's own keys, bidirectional: handled by the last chunk's program. The loop
+    # repeats the one above on purpose: a shared @triton.jit helper would be bound to
+    # compiled or interpreted code at import (kernels/triton_launch.py says why not).
     span_hi = tl.where(split == NUM_SPLITS - 1, span_len, 0)
     ks = KS + b * sks_b + kvh * sks_h
     vs = VS + b * svs_b + kvh * svs_h
