@@ -465,7 +465,9 @@ def run(args, log=print) -> dict:
         "span_tokens_line": args.span_tokens_line,
         "span_tokens_block": args.span_tokens_block,
     }
-    base_settings = replace(Settings(), **{key: value for key, value in overrides.items() if value is not None})
+    # Every fill is scored as written: the minConfidence gate is reported apart (`min_confidence`).
+    base_settings = replace(Settings(), min_confidence=0.0,
+                            **{key: value for key, value in overrides.items() if value is not None})
 
     log(f"loading model {args.model or '(embedded default)'} on {args.device}")
     backend = Engine.load(args.model, device=args.device).backend

@@ -11,7 +11,6 @@ MALLOC_ARENA_MAX wins; other C libraries are left alone.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -23,11 +22,10 @@ def limit_malloc_arenas() -> bool:
     """Cap glibc's malloc arenas, before threads start; True if the cap is in force."""
     if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
         return False
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
     try:
-        libc = ctypes.CDLL(name)
+        # The symbols Python itself is linked with (its C library): no lookup that
+        # would start `ldconfig` or open files.
+        libc = ctypes.CDLL(None)
         return bool(libc.mallopt(M_ARENA_MAX, ARENAS))
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False

@@ -23,9 +23,9 @@ class Settings:
     context_tokens: int = 1024  # preamble + prefix + suffix the model sees
     span_tokens_line: int = 32  # longest suggestion that finishes the cursor line
     span_tokens_block: int = 64  # longest suggestion of whole lines
-    steps: int = 0  # most denoising steps per span; 0 = as many as the span needs
+    steps: int = 8  # most denoising steps per span (at least span/8 tokens each); 0 = as many as it needs
     confidence_threshold: float = 0.9  # commit every position at least this confident
-    min_confidence: float = 0.0  # show only suggestions the model is at least this sure of (0 = all)
+    min_confidence: float = 0.3  # show only suggestions the model is at least this sure of (0 = all)
     debounce_ms: int = 75  # wait this long after a keystroke before automatic requests run
     enabled_languages: tuple[str, ...] = field(default=())  # language ids; empty = all
     max_snippets: int = 2  # regions of other open documents shown to the model

@@ -42,7 +42,9 @@ REPO = Path(__file__).resolve().parents[1]
 PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL_ERROR = -32700, -32600, -32601, -32602, -32603
 REQUEST_CANCELLED = -32800
 # Short spans and few steps: the soak measures the server, not the model.
-SOAK_SETTINGS = {"spanTokensLine": 8, "spanTokensBlock": 8, "steps": 4, "debounceMs": 0, "contextTokens": 256}
+# minConfidence 0: the default tiny random model is never sure; the soak needs its items.
+SOAK_SETTINGS = {"spanTokensLine": 8, "spanTokensBlock": 8, "steps": 4, "debounceMs": 0, "contextTokens": 256,
+                 "minConfidence": 0}
 TRACEBACK = re.compile(r"Traceback \(most recent call last\)|File \"[^\"]+\", line \d+")
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 

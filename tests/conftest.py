@@ -32,7 +32,9 @@ PARAFILL_ENV = {
     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
 }
 # Short spans and few steps: random weights write junk anyway, and CI has 2 cores.
-FAST_SETTINGS = {"spanTokensLine": 8, "spanTokensBlock": 8, "steps": 4, "debounceMs": 0, "contextTokens": 256}
+# minConfidence 0: the tiny random model is never sure, and these tests need its items.
+FAST_SETTINGS = {"spanTokensLine": 8, "spanTokensBlock": 8, "steps": 4, "debounceMs": 0, "contextTokens": 256,
+                 "minConfidence": 0}
 
 
 @pytest.fixture(scope="session")

@@ -316,7 +316,7 @@ def test_suggestions_the_model_doubts_are_not_shown(model_dir):
     engine = Engine(NativeBackend(model_dir, "cpu"))
     text = PREFIX + "\n" + SUFFIX
     line, character = 1, len("    return")
-    shown = suggest(engine, text, line, character, document="a", settings=Settings(steps=4))
+    shown = suggest(engine, text, line, character, document="a", settings=Settings(steps=4, min_confidence=0.0))
     assert shown.confidence is not None and 0 < shown.confidence < 1  # random weights: unsure
     assert shown.text is not None, "the tiny model writes something here, or the check below proves little"
     doubted = suggest(engine, text, line, character, document="b",
@@ -331,7 +331,7 @@ def test_typed_ahead_keeps_the_confidence_of_the_fill_it_continues(model_dir):
     engine = Engine(NativeBackend(model_dir, "cpu"))
     text = PREFIX + "\n" + SUFFIX
     line, character = 1, len("    return")
-    first = suggest(engine, text, line, character, document="a", settings=Settings(steps=4))
+    first = suggest(engine, text, line, character, document="a", settings=Settings(steps=4, min_confidence=0.0))
     assert first.text and first.confidence is not None
     typed = first.text[0]
     doubtful = Settings(steps=4, min_confidence=min(1.0, first.confidence * 1.5))
