@@ -125,8 +125,9 @@ def lm_head_argmax_reference(hidden: Tensor, norm_weight: Tensor, eps: float, em
     if banned_ids is not None and banned_ids.numel():
         ids = banned_ids.to(device=logits.device, dtype=torch.long)
         logits[..., ids[ids < n_vocab]] = float("-inf")
-    confidence = torch.softmax(logits, dim=-1).amax(dim=-1)
-    return logits.argmax(dim=-1), confidence
+    # max p = exp(max logit - logsumexp): one pass less than softmax, no [.., V] probabilities.
+    best, token = logits.max(dim=-1)
+    return token, torch.exp(best - torch.logsumexp(logits, dim=-1))
 
 
 def choose_num_splits(row_blocks: int, n_vocab: int, device: torch.device) -> int:

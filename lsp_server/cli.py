@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     complete.add_argument("--steps", type=int, default=None, help="most denoising steps (0 = as many as needed)")
     complete.add_argument("--confidence-threshold", type=float, default=None,
                           help="commit every position at least this confident (0 < t <= 1)")
+    complete.add_argument("--min-confidence", type=float, default=None,
+                          help="hide suggestions the model is less sure of (0 shows all; default 0.3)")
     complete.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
     status = commands.add_parser("status", help="load the model and print what it is and where it runs")
@@ -147,6 +149,8 @@ def run_complete(args: argparse.Namespace) -> int:
         overrides["steps"] = args.steps
     if args.confidence_threshold is not None:
         overrides["confidenceThreshold"] = args.confidence_threshold
+    if args.min_confidence is not None:
+        overrides["minConfidence"] = args.min_confidence
     settings, problems = parse_settings(overrides, Settings())
     if problems:
         raise UserError(problems[0])
@@ -166,11 +170,16 @@ def run_complete(args: argparse.Namespace) -> int:
             "text": found.text, "raw": found.raw, "total_ms": round(found.total_ms, 3),
             "model_ms": round(found.model_ms, 3), "load_ms": round(load_ms, 3), "tokens": found.tokens,
             "steps": found.steps, "source": found.source, "device": device, "model": engine.backend.name,
+            "confidence": found.confidence,
             "span": found.request.span.mode, "position": {"line": line_no - 1, "character": character},
         }))
     else:
         print(found.text if found.text is not None else "", flush=True)
         shown = "" if found.text is not None else " (no suggestion)"
+        if found.text is None and found.raw.strip() and found.confidence is not None \
+                and found.confidence < settings.min_confidence:
+            shown = (f" (hidden: the model's confidence {found.confidence:.2f} is under minConfidence "
+                     f"{settings.min_confidence:g}; --min-confidence 0 shows it)")
         print(f"parafill: {found.total_ms:.1f} ms total, model {found.model_ms:.1f} ms, {found.tokens} tokens, "
               f"{found.steps} steps, cache source {found.source}, {found.request.span.mode} span, "
               f"{engine.backend.name} on {device} (load {load_ms:.0f} ms){shown}", file=sys.stderr)

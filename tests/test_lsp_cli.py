@@ -35,7 +35,7 @@ def source_file(tmp_path) -> Path:
 
 def test_complete_prints_the_suggestion_and_its_timing(source_file, parafill_tiny_model):
     run = parafill("complete", f"{source_file}:6:16", "--model", str(parafill_tiny_model), "--device", "cpu",
-                   "--steps", "4")
+                   "--steps", "4", "--min-confidence", "0")
     assert run.returncode == 0, run.stderr
     timing = run.stderr.strip().splitlines()[-1]
     match = re.fullmatch(
@@ -63,6 +63,15 @@ def test_complete_json_matches_the_text_output(source_file, parafill_tiny_model)
     assert isinstance(result["raw"], str)
     assert result["text"] is None or isinstance(result["text"], str)
     assert result["tokens"] >= 1 and result["steps"] <= 4 * 2  # a span may grow once
+    assert 0 < result["confidence"] < 1
+
+
+def test_a_doubtful_suggestion_is_hidden_and_the_user_told_why(source_file, parafill_tiny_model):
+    # The tiny random model is never sure: the default gate (0.3) hides what it writes.
+    run = parafill("complete", f"{source_file}:6:16", "--model", str(parafill_tiny_model), "--device", "cpu",
+                   "--steps", "4")
+    assert run.returncode == 0 and run.stdout.strip() == "", run.stderr
+    assert "is under minConfidence 0.3; --min-confidence 0 shows it)" in run.stderr
 
 
 @pytest.mark.parametrize("args, message", [
