@@ -85,12 +85,20 @@ def apply_commits(tokens: Tensor, confidence: Tensor, state: StepState) -> None:
         state.committed.copy_(torch.where(commit, confidence, state.committed))
     masked.logical_and_(~commit)
     # Past the first committed end token nothing reaches the text: <pad>, committed.
-    is_end = ~masked & ((span == EOS_ID) | (span == PAD_ID))
-    first = torch.where(is_end.any(1), is_end.to(torch.int32).argmax(1), torch.full_like(remaining, length))
+    _, first = first_end(span, masked)
     after = (positions[:1] > first[:, None]) & masked & state.live[:, None]
     span.masked_fill_(after, PAD_ID)
     masked.logical_and_(~after)
     state.steps.add_(state.live.to(state.steps.dtype))
+
+
+def first_end(span: Tensor, masked: Tensor) -> tuple[Tensor, Tensor]:
+    """(has_end, first) per row: a committed <eos>/<pad> exists, and the index of the first (L if none)."""
+    is_end = ~masked & ((span == EOS_ID) | (span == PAD_ID))
+    has_end = is_end.any(1)
+    first = torch.where(has_end, is_end.to(torch.int32).argmax(1),
+                        torch.full_like(has_end, span.shape[1], dtype=torch.long))
+    return has_end, first
 
 
 def span_status(span: Tensor, masked: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -100,11 +108,8 @@ def span_status(span: Tensor, masked: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     done: ended, or nothing left masked; first_end: index of the first
     committed end token (L when none).
     """
-    length = span.shape[1]
-    is_end = ~masked & ((span == EOS_ID) | (span == PAD_ID))
-    has_end = is_end.any(1)
-    first = torch.where(has_end, is_end.to(torch.int32).argmax(1), torch.full_like(has_end, length, dtype=torch.long))
-    before = torch.arange(length, device=span.device)[None, :] < first[:, None]
+    has_end, first = first_end(span, masked)
+    before = torch.arange(span.shape[1], device=span.device)[None, :] < first[:, None]
     ended = has_end & ~(masked & before).any(1)
     return ended | ~masked.any(1), ended, first
 

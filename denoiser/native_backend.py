@@ -212,11 +212,6 @@ class NativeBackend:
         with self._document_turn(document), self._cache_lock:
             self.context_cache.forget(document)
 
-    def clear(self) -> None:
-        """Drop every cached context."""
-        with self._cache_lock:
-            self.context_cache.clear()
-
     def release_device_memory(self) -> None:
         """After a device fault: drop cached contexts and return freed blocks to the driver,
         under the cache lock (no prefill, and no graph capture, runs meanwhile)."""

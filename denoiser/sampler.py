@@ -6,7 +6,8 @@ every still-masked position whose probability passes the threshold, and at
 least the most confident one. Positions after the first committed <eos> (or
 <pad>) can no longer reach the text: they become <pad> at once, as in training,
 and stop costing steps. The span ends at that end token once everything before
-it is committed. No randomness: ties go to the lowest position. This module does not tokenize, cache or touch the context.
+it is committed. No randomness: ties go to the lowest position. This module
+does not tokenize, cache or touch the context.
 """
 from __future__ import annotations
 
@@ -69,25 +70,26 @@ def choose_commits(confidence: torch.Tensor, masked: torch.Tensor, threshold: fl
     return commit
 
 
+def first_committed_end(span: torch.Tensor, masked: torch.Tensor) -> int | None:
+    """Index of the first committed <eos> or <pad>, else None."""
+    ends = torch.nonzero(~masked & ((span == EOS_ID) | (span == PAD_ID))).flatten()
+    return int(ends[0]) if ends.numel() else None
+
+
 def pad_after_first_end(span: torch.Tensor, masked: torch.Tensor) -> None:
     """In place: masked positions after the first committed end token become committed <pad>."""
-    is_end = ~masked & ((span == EOS_ID) | (span == PAD_ID))
-    ends = torch.nonzero(is_end).flatten()
-    if ends.numel() == 0:
+    first = first_committed_end(span, masked)
+    if first is None:
         return
-    after = torch.arange(span.shape[0], device=span.device) > int(ends[0])
+    after = torch.arange(span.shape[0], device=span.device) > first
     span[after & masked] = PAD_ID
     masked &= ~after
 
 
 def finished_at(span: torch.Tensor, masked: torch.Tensor) -> int | None:
     """Index of the first committed end token with every position before it committed, else None."""
-    is_end = ~masked & ((span == EOS_ID) | (span == PAD_ID))
-    ends = torch.nonzero(is_end).flatten()
-    if ends.numel() == 0:
-        return None
-    first = int(ends[0])
-    return first if not bool(masked[:first].any()) else None
+    first = first_committed_end(span, masked)
+    return first if first is not None and not bool(masked[:first].any()) else None
 
 
 @torch.no_grad()

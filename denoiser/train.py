@@ -35,7 +35,6 @@ from denoiser.tokenizer import CodeTokenizer
 from denoiser.train_data import SPAN_CHOICES, ExampleStream, PrefetchStream, fit_span, read_corpus
 
 
-
 @dataclass(frozen=True)
 class TrainSettings:
     context_tokens: int = 256

@@ -16,8 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import concurrent.futures
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
@@ -132,7 +131,7 @@ class ModelWorker:
         # Completions on their threads (event loop only): a reload cancels and awaits
         # them, so the old model is freed before the new one loads (two 7B models rarely
         # fit). Keyed by the thread's own future: it outlives a request the client cancelled.
-        self._running: dict[concurrent.futures.Future, Ticket] = {}
+        self._running: dict[Future, Ticket] = {}
 
     @property
     def ready(self) -> bool:
@@ -196,7 +195,7 @@ class ModelWorker:
 
         return await self._submit(job, on_cancel=ticket.cancel, pool="fills", ticket=ticket)
 
-    def _forget_running(self, loop: asyncio.AbstractEventLoop, future: concurrent.futures.Future) -> None:
+    def _forget_running(self, loop: asyncio.AbstractEventLoop, future: Future) -> None:
         try:  # any thread: the bookkeeping itself belongs to the event loop
             loop.call_soon_threadsafe(self._running.pop, future, None)
         except RuntimeError:  # the loop has closed (the server is exiting): nothing left to track
