@@ -1,11 +1,11 @@
 """A native model directory: config.json + model.safetensors + tokenizer.json + MODEL_CARD.md.
 
-Loads and saves whole directories, checking that the parts agree before any
-heavy work, so a broken directory fails with the name of the file at fault.
+Loads whole directories, checking that the parts agree before any heavy work,
+so a broken directory fails with the name of the file at fault. Writing one is
+training's (`training/export.py`).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -14,7 +14,7 @@ from denoiser.backend import ModelLoadError
 from denoiser.config import ModelConfig
 from denoiser.model import SpanDenoiser
 from denoiser.tokenizer import CodeTokenizer
-from denoiser.weights import load_weights, refuse_pickles, save_weights
+from denoiser.weights import load_weights, refuse_pickles
 
 CONFIG, WEIGHTS, TOKENIZER, CARD = "config.json", "model.safetensors", "tokenizer.json", "MODEL_CARD.md"
 
@@ -57,12 +57,3 @@ def load_native_model(model_dir: Path, device: torch.device, dtype: torch.dtype 
     model.to(device=device, dtype=dtype).eval()
     return model, tokenizer, config
 
-
-def save_native_model(model: SpanDenoiser, tokenizer_json: Path, model_dir: Path, *, int8: bool, card: str) -> None:
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / CONFIG).write_text(json.dumps(model.config.to_json(), indent=2) + "\n", encoding="utf-8")
-    save_weights(model.state_dict(), model_dir / WEIGHTS, int8=int8)
-    if Path(tokenizer_json).resolve() != (model_dir / TOKENIZER).resolve():
-        (model_dir / TOKENIZER).write_bytes(Path(tokenizer_json).read_bytes())
-    (model_dir / CARD).write_text(card, encoding="utf-8")

@@ -1,9 +1,8 @@
 """The native span denoiser as a `Backend`: prompt layout, context cache, sampler.
 
-`native_context_ids` is THE token layout of a native prompt; training
-(`denoiser/train.py`) imports it so the model sees at inference exactly the
-layout it learnt. This module turns a `FimRequest` into tokens, keeps each
-document's context K/V (`ContextKVCache`), runs the sampler and decodes the
+`native_context_ids` tokenizes a request into the layout of
+`denoiser/context_layout.py`, the one training lays out its examples with.
+This module turns a `FimRequest` into tokens, keeps each document's context K/V (`ContextKVCache`), runs the sampler and decodes the
 span. It does not cache completions, time requests or handle faults (the
 engine does).
 """
@@ -22,7 +21,7 @@ import torch
 from denoiser.backend import Cancelled, DecodeSettings, FillResult, resolve_device
 from denoiser.batching import DEFAULT_MAX_BATCH, SpanBatcher
 from denoiser.checkpoint import load_native_model
-from denoiser.examples import context_ids
+from denoiser.context_layout import context_ids
 from denoiser.kv_cache import ContextKVCache
 from fim.request import FimRequest
 
@@ -46,9 +45,9 @@ def native_context_ids(tokenizer, request: FimRequest, max_context_tokens: int) 
 
     Each piece is encoded on its own and the ids concatenated, never the joined
     text, so the cursor is always a token boundary. The budget is shared out by
-    `denoiser.examples.context_ids`, the very function that lays out training
-    examples: the suffix keeps its START (at most a quarter), the preamble its
-    start, the prefix its END (the text at the cursor).
+    `denoiser.context_layout.context_ids`, the very function that lays out
+    training examples: the suffix keeps its START (at most a quarter), the
+    preamble its start, the prefix its END (the text at the cursor).
     """
     if max_context_tokens < 4:
         raise ValueError(f"max_context_tokens {max_context_tokens} leaves no room for text")

@@ -1,5 +1,7 @@
 """Weights on disk: safetensors only, optionally int8 with per-channel scales.
 
+This module reads them; `training/export.py` writes them.
+
 Pickle-based formats (.bin, .pt, .pth, .ckpt, .pkl) can run arbitrary code
 when loaded, so they are refused with that reason, never opened.
 """
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from denoiser.backend import ModelLoadError
 
@@ -29,19 +31,6 @@ def refuse_pickles(model_dir: Path) -> None:
             )
 
 
-def quantize_int8(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Store 2-D weights as int8 rows with one fp16 scale per output channel."""
-    out: dict[str, torch.Tensor] = {}
-    for name, t in state.items():
-        if t.dim() == 2 and t.numel() >= 4096:
-            scale = t.float().abs().amax(dim=1).clamp(min=1e-8) / 127.0
-            out[name] = torch.round(t.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
-            out[name + SCALE_SUFFIX] = scale.to(torch.float16)
-        else:
-            out[name] = t.contiguous()
-    return out
-
-
 def dequantize(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, t in state.items():
@@ -53,11 +42,6 @@ def dequantize(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float3
         else:
             out[name] = t.to(dtype) if t.is_floating_point() else t
     return out
-
-
-def save_weights(state: dict[str, torch.Tensor], path: Path, int8: bool = False) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    save_file(quantize_int8(state) if int8 else state, str(path), metadata={"format": "pt", "int8": str(int8)})
 
 
 def load_weights(path: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

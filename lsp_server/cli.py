@@ -22,10 +22,10 @@ EXIT_USAGE = 2
 
 # name -> (module, what it does); the module's main(argv) does the work.
 PASS_THROUGH = {
-    "train": ("denoiser.train", "train a native model (see `parafill train --help`)"),
-    "eval": ("lsp_server.evaluate", "evaluate a model on fill-in-the-middle benchmarks"),
-    "bench": ("lsp_server.bench", "measure latency and throughput"),
-    "corpus": ("denoiser.corpus", "build the training corpus"),
+    "train": ("training.train", "train a native model (see `parafill train --help`)"),
+    "eval": ("tools.evaluate", "evaluate a model on fill-in-the-middle benchmarks"),
+    "bench": ("tools.bench", "measure latency and throughput"),
+    "corpus": ("training.corpus", "build the training corpus"),
 }
 COMMANDS = ("serve", "complete", "status", *PASS_THROUGH)
 
@@ -202,8 +202,8 @@ def run_pass_through(name: str, rest: list[str]) -> int:
                             f"(module {module_name} is missing)") from None
         raise
     main = getattr(module, "main", None)
-    if main is None and module_name == "denoiser.corpus":
-        main = getattr(importlib.import_module("denoiser.corpus.__main__"), "main", None)
+    if main is None and module_name == "training.corpus":
+        main = getattr(importlib.import_module("training.corpus.__main__"), "main", None)
     if main is None:
         raise UserError(f"`parafill {name}`: {module_name} has no main(argv)")
     result = main(rest)

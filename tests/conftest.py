@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 from lsprotocol import types
 
-from lsp_server.bench import plain_json as _plain
+from tools.bench import plain_json as _plain
 
 # CI has 2 cores and many tests start a server process: one torch thread each
 # keeps them from fighting over the cores (set before anything imports torch).
@@ -39,7 +39,7 @@ FAST_SETTINGS = {"spanTokensLine": 8, "spanTokensBlock": 8, "steps": 4, "debounc
 
 @pytest.fixture(scope="session")
 def parafill_tiny_model(tmp_path_factory) -> Path:
-    from denoiser.tiny import make_tiny_model
+    from tools.tiny_native import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("parafill-tiny-model"))
 

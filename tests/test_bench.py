@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from lsp_server import bench
+from tools import bench
 
 
 def positive(x) -> bool:
@@ -113,11 +113,11 @@ def test_soak_flag_hands_over_to_the_soak_module(monkeypatch):
     import types
 
     seen = []
-    fake = types.ModuleType("lsp_server.soak")
+    fake = types.ModuleType("tools.soak")
     fake.main = lambda argv: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "lsp_server.soak", fake)
-    import lsp_server
+    monkeypatch.setitem(sys.modules, "tools.soak", fake)
+    import tools
 
-    monkeypatch.setattr(lsp_server, "soak", fake, raising=False)
+    monkeypatch.setattr(tools, "soak", fake, raising=False)
     assert bench.main(["--soak", "50", "--tiny", "--device", "cpu", "--seed", "3"]) == 0
     assert seen == [["--operations", "50", "--tiny", "--device", "cpu", "--seed", "3"]]

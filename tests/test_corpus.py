@@ -16,18 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from denoiser.corpus.__main__ import main as corpus_main
-from denoiser.corpus.archives import iter_archive
-from denoiser.corpus.builder import corpus_hash_of, select_records, write_corpus
-from denoiser.corpus.decontaminate import Decontaminator, load_patterns, patterns_from_records
-from denoiser.corpus.dedup import Deduplicator, estimated_jaccard, exact_jaccard, exact_key, minhash
-from denoiser.corpus.fetch import FetchError, download
-from denoiser.corpus.filters import compiled_twins, content_drop_reason, language_of, path_drop_reason
-from denoiser.corpus.licences import classify, spdx_is_permissive
-from denoiser.corpus.manifest import ManifestError, PackageEntry, dump_manifest, load_manifest, parse_manifest
+from training.corpus.__main__ import main as corpus_main
+from training.corpus.archives import iter_archive
+from training.corpus.builder import corpus_hash_of, select_records, write_corpus
+from training.corpus.decontaminate import Decontaminator, load_patterns, patterns_from_records
+from training.corpus.dedup import Deduplicator, estimated_jaccard, exact_jaccard, exact_key, minhash
+from training.corpus.fetch import FetchError, download
+from training.corpus.filters import compiled_twins, content_drop_reason, language_of, path_drop_reason
+from training.corpus.licences import classify, spdx_is_permissive
+from training.corpus.manifest import ManifestError, PackageEntry, dump_manifest, load_manifest, parse_manifest
 
 REAL_HUMANEVAL = Path("/work/shared/data/human-eval-infilling")
-SHIPPED_MANIFEST = Path(__file__).resolve().parents[1] / "denoiser" / "corpus" / "manifest.json"
+SHIPPED_MANIFEST = Path(__file__).resolve().parents[1] / "training" / "corpus" / "manifest.json"
 
 
 def code_file(seed: int, n_funcs: int = 30) -> str:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from denoiser.corpus.__main__ import main as corpus_main
-from denoiser.corpus.shards import SLACK, train_files, write_shards
+from training.corpus.__main__ import main as corpus_main
+from training.corpus.shards import SLACK, train_files, write_shards
 
 
 def make_corpus(folder: Path, records: int = 3000) -> list[bytes]:

@@ -8,10 +8,10 @@ import torch
 
 from denoiser.autoregressive import AutoregressiveBackend
 from denoiser.backend import Cancelled, DecodeSettings
-from denoiser.engine import Engine, percentiles, typed_ahead_remainder, _Suggestion
+from denoiser.engine import Engine, _Suggestion, percentiles, typed_ahead_remainder
 from denoiser.native_backend import NativeBackend, native_context_ids, span_bucket
-from denoiser.tiny import make_tiny_model
 from fim.request import FimRequest, SpanPlan
+from tools.tiny_native import make_tiny_model
 
 PREAMBLE = "# path: demo.py\n"
 PREFIX = "def add(a, b):\n    return"

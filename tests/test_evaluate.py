@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from denoiser import humaneval
-from lsp_server import evaluate
-from denoiser.humaneval import place_cursor, run_tests, task_placement
 from fim.positions import offset_at
+from tools import evaluate, humaneval
+from tools.humaneval import place_cursor, run_tests, task_placement
 
 try:
     humaneval.find_data_dir()
@@ -158,7 +157,7 @@ def test_rest_of_line_cuts_are_deterministic_and_editor_shaped():
 
 @needs_data
 def test_tiny_end_to_end(tmp_path, capsys):
-    from denoiser.tiny import make_tiny_model
+    from tools.tiny_native import make_tiny_model
 
     model = make_tiny_model(tmp_path / "model")
     corpus = tmp_path / "valid.jsonl.gz"

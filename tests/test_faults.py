@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lsp_server.soak import REPO, session
+from tools.soak import REPO, session
 
 DOC = "file:///faults/app.py"
 TEXT = "import os\n\n\ndef read(path):\n    with open(path) as handle:\n        return handle.\n"

@@ -7,8 +7,8 @@ from denoiser.config import ModelConfig
 from denoiser.kv_cache import ContextKVCache, common_prefix_length
 from denoiser.model import KVBuffers, SpanDenoiser
 from denoiser.native_backend import native_context_ids
-from denoiser.tiny import make_tiny_model
 from fim.request import FimRequest, SpanPlan
+from tools.tiny_native import make_tiny_model
 
 TOL = 1e-5
 

@@ -8,7 +8,7 @@ import denoiser.loading as loading
 from denoiser.backend import ModelLoadError
 from denoiser.loading import load_backend
 from denoiser.native_backend import NativeBackend
-from denoiser.tiny import make_tiny_model
+from tools.tiny_native import make_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -119,7 +119,7 @@ def apply_item(lines: list[str], cursor: list[int], item: dict) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    tiny = pytest.importorskip("denoiser.tiny", reason="denoiser.tiny is not available yet")
+    tiny = pytest.importorskip("tools.tiny_native", reason="tools.tiny_native is not available yet")
     directory = tmp_path_factory.mktemp("tiny-model")
     tiny.make_tiny_model(directory)
     return directory

@@ -13,8 +13,8 @@ transformers = pytest.importorskip("transformers")
 from denoiser.backend import DecodeSettings  # noqa: E402
 from denoiser.open_models import detect_family, load_open_model  # noqa: E402
 from denoiser.open_models.network import KVStore  # noqa: E402
-from denoiser.open_models.tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 from fim.request import FimRequest, SpanPlan  # noqa: E402
+from tools.tiny_open import make_tiny_checkpoint  # noqa: E402
 
 
 def qwen2_reference_logits(config: dict, state: dict[str, torch.Tensor], ids: torch.Tensor, shift: bool) -> torch.Tensor:

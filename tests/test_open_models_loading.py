@@ -16,7 +16,7 @@ import torch
 from denoiser.backend import ModelLoadError
 from denoiser.open_models import detect_family, load_open_model
 from denoiser.open_models.checkpoint import estimate_bytes, inspect_directory
-from denoiser.open_models.tiny_checkpoint import make_tiny_checkpoint, tiny_config, tiny_tokenizer, write_checkpoint, random_state
+from tools.tiny_open import make_tiny_checkpoint, random_state, tiny_config, tiny_tokenizer, write_checkpoint
 
 
 @pytest.fixture()

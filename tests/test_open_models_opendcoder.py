@@ -16,8 +16,8 @@ transformers = pytest.importorskip("transformers")
 
 from denoiser.backend import DecodeSettings, ModelLoadError  # noqa: E402
 from denoiser.open_models import detect_family, load_open_model  # noqa: E402
-from denoiser.open_models.tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 from fim.request import FimRequest, SpanPlan  # noqa: E402
+from tools.tiny_open import make_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")

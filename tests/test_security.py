@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from lsp_server.soak import REPO, session
+from tools.soak import REPO, session
 
 # --- 1. safetensors only -------------------------------------------------------------------
 

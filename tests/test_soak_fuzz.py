@@ -3,7 +3,7 @@
 `test_protocol_edges` sends, one by one, the inputs the soak found or must
 cover (lines split at form feed and U+2028, invalid params of each kind,
 requests without params, malformed frames) and checks each answer.
-`test_soak` (slow) replays 300 random editor operations with `lsp_server.soak`
+`test_soak` (slow) replays 300 random editor operations with `tools.soak`
 (`parafill bench --soak N` runs the same thing at any size) and asserts a
 clean report: process up, every request answered properly, the server's copy
 of each document equal to the client's, memory flat, no traceback sent.
@@ -14,8 +14,7 @@ import json
 
 import pytest
 
-from lsp_server.soak import INVALID_PARAMS, METHOD_NOT_FOUND, main, position_of, run_soak, session
-
+from tools.soak import INVALID_PARAMS, METHOD_NOT_FOUND, main, position_of, run_soak, session
 
 PARSE_ERROR, INVALID_REQUEST = -32700, -32600
 

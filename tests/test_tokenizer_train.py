@@ -14,8 +14,14 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from denoiser.tokenizer_train import (SPECIAL_TOKENS, WHITESPACE_TOKENS, main, sample_texts,
-                                      split_like_added_tokens, train_tokenizer)
+from training.tokenizer_train import (
+    SPECIAL_TOKENS,
+    WHITESPACE_TOKENS,
+    main,
+    sample_texts,
+    split_like_added_tokens,
+    train_tokenizer,
+)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "denoiser" / "default_model" / "tokenizer.json"
 

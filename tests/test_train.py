@@ -11,10 +11,10 @@ import torch
 
 from denoiser.checkpoint import load_native_model
 from denoiser.config import EOS_ID, FIM_MIDDLE_ID, FIM_PREFIX_ID, FIM_SUFFIX_ID
-from denoiser.examples import split_text, tokenize_splits
-from denoiser.tiny import make_tiny_model
 from denoiser.tokenizer import CodeTokenizer
-from denoiser.train import main as train_main
+from tools.tiny_native import make_tiny_model
+from training.examples import split_text, tokenize_splits
+from training.train import main as train_main
 
 SOURCE = '''import os
 
@@ -76,7 +76,7 @@ def test_training_resumes_from_its_checkpoint_and_exports_a_loadable_model(tmp_p
 def test_training_reads_a_sharded_corpus_with_a_data_worker(tmp_path):
     model_dir = make_tiny_model(tmp_path / "tiny")
     corpus = write_corpus(tmp_path / "corpus")
-    # Two shards in place of train.jsonl.gz, as `python -m denoiser.corpus shard` writes them.
+    # Two shards in place of train.jsonl.gz, as `python -m training.corpus shard` writes them.
     with gzip.open(corpus / "train.jsonl.gz", "rb") as handle:
         lines = handle.readlines()
     (corpus / "train.jsonl.gz").unlink()
@@ -92,3 +92,10 @@ def test_training_reads_a_sharded_corpus_with_a_data_worker(tmp_path):
     (corpus / "train-001.jsonl.gz").unlink()
     with pytest.raises(SystemExit, match="no train.jsonl.gz"):
         train_main(["--corpus", str(corpus), "--tokenizer", str(model_dir / "tokenizer.json"), "--out", str(run)])
+
+
+def test_default_tokenizer_is_the_shipped_models():
+    from training.train import build_parser
+
+    default = Path(build_parser().get_default("tokenizer"))
+    assert default.is_file() and default.parent.name == "default_model"

@@ -7,11 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from denoiser.examples import split_text, tokenize_splits
-from denoiser.tiny import make_tiny_model
 from denoiser.tokenizer import CodeTokenizer
-from denoiser.train_data import (MAX_SPAN, SPAN_CHOICES, ExampleStream, PrefetchStream, fit_span, read_corpus,
-                                 worker_seed)
+from tools.tiny_native import make_tiny_model
+from training.examples import split_text, tokenize_splits
+from training.train_data import (
+    MAX_SPAN,
+    SPAN_CHOICES,
+    ExampleStream,
+    PrefetchStream,
+    fit_span,
+    read_corpus,
+    worker_seed,
+)
 
 SOURCE = "".join(f"def f{i}(x):\n    y = x * {i} + len('{'ab' * i}')\n    return y\n\n" for i in range(40))
 

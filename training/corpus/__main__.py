@@ -1,9 +1,9 @@
 """Command line of the corpus builder.
 
-    python -m denoiser.corpus build --manifest denoiser/corpus/manifest.json --out data/corpus
-    python -m denoiser.corpus pin --manifest M --pypi requests==2.32.5 --npm zod@3.23.8
-    python -m denoiser.corpus pin-local --manifest M
-    python -m denoiser.corpus shard --corpus data/corpus --out data/shards --max-mb 40
+    python -m training.corpus build --manifest training/corpus/manifest.json --out data/corpus
+    python -m training.corpus pin --manifest M --pypi requests==2.32.5 --npm zod@3.23.8
+    python -m training.corpus pin-local --manifest M
+    python -m training.corpus shard --corpus data/corpus --out data/shards --max-mb 40
 
 ``build`` downloads (into --downloads, verified by SHA-256) only when the
 manifest has registry entries.  ``pin`` asks the registries and records
@@ -24,8 +24,13 @@ from pathlib import Path
 from .archives import iter_archive
 from .builder import select_records, write_corpus
 from .decontaminate import Decontaminator, load_patterns
-from .local_sources import (default_site_packages, default_stdlib, distribution_licence,
-                            site_packages_files, stdlib_files)
+from .local_sources import (
+    default_site_packages,
+    default_stdlib,
+    distribution_licence,
+    site_packages_files,
+    stdlib_files,
+)
 from .manifest import ManifestError, PackageEntry, dump_manifest, load_manifest
 
 DEFAULT_HUMANEVAL = str(Path(__file__).resolve().parents[2] / "eval" / "human-eval-infilling")
@@ -141,11 +146,11 @@ def cmd_pin_local(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m denoiser.corpus", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m training.corpus", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--manifest", default="denoiser/corpus/manifest.json")
+    common.add_argument("--manifest", default="training/corpus/manifest.json")
     common.add_argument("--downloads", default="data/downloads", help="archive cache directory")
     common.add_argument("--site-packages", help="site-packages for local-site-packages entries")
     common.add_argument("--stdlib", help="standard library directory for the local-stdlib entry")

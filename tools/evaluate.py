@@ -6,7 +6,7 @@ own `lsp_server.suggest`: a document and an LSP cursor position →
 
 - HumanEval-infilling pass@1 (single-line, multi-line, random-span): the task's
   tests run on prefix + completion + suffix in a sandboxed subprocess
-  (`denoiser.humaneval`), with the cursor where an editor user would have it;
+  (`tools.humaneval`), with the cursor where an editor user would have it;
 - exact match and edit similarity, on those tasks and on rest-of-line cuts of
   the corpus's held-out packages;
 - the same weights decoded autoregressively, as a baseline;
@@ -33,11 +33,11 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from denoiser import humaneval
-from denoiser.humaneval import EditorPlacement
 from fim.positions import position_at
 from lsp_server.settings import Settings
 from lsp_server.suggest import suggest
+from tools import humaneval
+from tools.humaneval import EditorPlacement
 
 TASK_SETS = ("single", "multi", "random", "random-light")
 DECODERS = ("diffusion", "autoregressive")
@@ -119,7 +119,7 @@ def load_heldout(path: Path, count: int, seed: int) -> list[HeldOutExample]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path}: missing; build the corpus first (python -m denoiser.corpus) or pass --corpus FILE, "
+            f"{path}: missing; build the corpus first (python -m training.corpus) or pass --corpus FILE, "
             "or --heldout 0 to skip the held-out metrics"
         )
     records = []

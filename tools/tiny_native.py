@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from denoiser.checkpoint import TOKENIZER, save_native_model
+from denoiser.checkpoint import TOKENIZER
 from denoiser.config import SPECIAL_TOKENS, ModelConfig
 from denoiser.model import SpanDenoiser
+from training.export import save_native_model
 
 _SAMPLE = '''
 import os

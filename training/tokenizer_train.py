@@ -1,6 +1,6 @@
 """Train the default model's byte-level BPE tokenizer on the corpus.
 
-    RAYON_NUM_THREADS=1 python -m denoiser.tokenizer_train --corpus data/corpus \
+    RAYON_NUM_THREADS=1 python -m training.tokenizer_train --corpus data/corpus \
         --vocab 8192 --out denoiser/default_model/tokenizer.json
 
 Layout of the vocabulary (``--vocab`` is the total size):
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     train_path = Path(args.corpus) / "train.jsonl.gz"
     if not train_path.exists():
-        parser.exit(2, f"error: {train_path} not found; build it with `python -m denoiser.corpus build`\n")
+        parser.exit(2, f"error: {train_path} not found; build it with `python -m training.corpus build`\n")
     t0 = time.monotonic()
     available: Counter = Counter()
     for rec in read_records(train_path):

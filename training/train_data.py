@@ -1,6 +1,6 @@
 """Training examples as a stream of batches, built in the loop's process or ahead of it.
 
-`ExampleStream` cuts FIM examples out of corpus files (denoiser/examples.py) and
+`ExampleStream` cuts FIM examples out of corpus files (training/examples.py) and
 tokenizes them, for the longest span the loop uses; `fit_span` then shapes an
 example for the span its step draws, exactly as tokenizing for that span
 would. So the examples do not depend on the span and can be built ahead:
@@ -20,8 +20,8 @@ import random
 from pathlib import Path
 
 from denoiser.config import EOS_ID
-from denoiser.examples import TokenExample, split_text, tokenize_splits
 from denoiser.tokenizer import CodeTokenizer
+from training.examples import TokenExample, split_text, tokenize_splits
 
 SPAN_CHOICES = (16, 32, 32, 64)
 MAX_SPAN = max(SPAN_CHOICES)

@@ -14,7 +14,7 @@ What it measures (issue 4; bench/README.md has the commands):
   lengths it cannot hold are listed with the reason) and concurrency (1, 4, 16
   clients calling the engine from their own threads, sharing steps);
 - peak host (and GPU) memory.
-`--soak N` hands over to `lsp_server.soak` (the reliability soak). This module
+`--soak N` hands over to `tools.soak` (the reliability soak). This module
 measures and reports only: it holds no model or server logic of its own.
 """
 from __future__ import annotations
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-lsp", action="store_true", help="skip the end-to-end LSP session")
     parser.add_argument("--no-plot", action="store_true", help="write the JSON only")
     parser.add_argument("--soak", type=int, metavar="N", default=None,
-                        help="run the reliability soak with N operations instead (lsp_server.soak)")
+                        help="run the reliability soak with N operations instead (tools.soak)")
     return parser
 
 
@@ -560,9 +560,9 @@ def plot(report: dict, path: Path) -> None:
 
 def run_soak(args: argparse.Namespace, rest: list[str]) -> int:
     try:
-        from lsp_server import soak
+        from tools import soak
     except ImportError:
-        print("parafill bench: error: --soak needs lsp_server/soak.py, which this copy of parafill lacks", file=sys.stderr)
+        print("parafill bench: error: --soak needs tools/soak.py, which this copy of parafill lacks", file=sys.stderr)
         return 2
     forwarded = ["--operations", str(args.soak)]
     if args.model:
@@ -578,7 +578,7 @@ def resolve_model(args: argparse.Namespace, workdir: Path) -> Path:
     from denoiser.loading import default_model_dir
 
     if args.tiny:
-        from denoiser.tiny import make_tiny_model
+        from tools.tiny_native import make_tiny_model
 
         return make_tiny_model(workdir / "tiny-model", **(TINY_SHAPE_QUICK if args.quick else TINY_SHAPE))
     model_dir = Path(args.model).expanduser() if args.model else default_model_dir()

@@ -13,7 +13,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from denoiser.config import EOS_ID, FIM_MIDDLE_ID, FIM_PREFIX_ID, FIM_SUFFIX_ID
+from denoiser.config import EOS_ID
+from denoiser.context_layout import context_ids
 from denoiser.tokenizer import CodeTokenizer
 
 COMMENT_BY_LANGUAGE = {"python": "# ", "javascript": "// ", "typescript": "// "}
@@ -98,13 +99,3 @@ def tokenize_splits(
         out.append(TokenExample(context_ids(preamble, prefix, suffix, context_tokens), middle, split.kind))
     return out
 
-
-def context_ids(preamble: list[int], prefix: list[int], suffix: list[int], budget: int) -> list[int]:
-    """`<fim_suffix> suffix <fim_prefix> preamble prefix <fim_middle>` within `budget` tokens."""
-    room = max(0, budget - 3)
-    suffix = suffix[: min(len(suffix), room // 4)]
-    room -= len(suffix)
-    preamble = preamble[: room // 4]
-    room -= len(preamble)
-    prefix = prefix[-room:] if room else []
-    return [FIM_SUFFIX_ID, *suffix, FIM_PREFIX_ID, *preamble, *prefix, FIM_MIDDLE_ID]

@@ -11,7 +11,7 @@ context it reports, in one run on one device:
   graphs (`torch.compile(mode="reduce-overhead")`), when CUDA is present;
 
 as tokens/s, the ratio to (a), and GB/s of weights read. Meant for the GPU
-machine (`python -m denoiser.open_models.bench --shapes 0.5B,7B`); `--shapes
+machine (`python -m tools.open_model_bench --shapes 0.5B,7B`); `--shapes
 tiny --device cpu` is a smoke run. Not used by the server.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Plot a training run's log.jsonl: train and validation loss against tokens seen.
 
-`python -m denoiser.training_curves runs/default/log.jsonl --out eval/results/training.png`
+`python -m training.curves runs/default/log.jsonl --out eval/results/training.png`
 Reads the log `parafill train` writes; never touches the model.
 """
 from __future__ import annotations

@@ -26,13 +26,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from denoiser.checkpoint import load_native_model, save_native_model
+from denoiser.checkpoint import load_native_model
 from denoiser.config import MASK_ID, PAD_ID, ModelConfig
-from denoiser.corpus.shards import train_files as corpus_train_files
-from denoiser.examples import TokenExample
+from denoiser.loading import default_model_dir
 from denoiser.model import SpanDenoiser, training_mask
 from denoiser.tokenizer import CodeTokenizer
-from denoiser.train_data import SPAN_CHOICES, ExampleStream, PrefetchStream, fit_span, read_corpus
+from training.corpus.shards import train_files as corpus_train_files
+from training.examples import TokenExample
+from training.export import save_native_model
+from training.train_data import SPAN_CHOICES, ExampleStream, PrefetchStream, fit_span, read_corpus
 
 
 @dataclass(frozen=True)
@@ -269,11 +271,12 @@ def run(args) -> None:
         print(f"exported {args.export}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="parafill train", description=__doc__.split("\n")[0])
     p.add_argument("--corpus", default="data/corpus",
-                   help="folder with valid.jsonl.gz and train.jsonl.gz or its shards (python -m denoiser.corpus shard)")
-    p.add_argument("--tokenizer", default=str(Path(__file__).parent / "default_model" / "tokenizer.json"))
+                   help="folder with valid.jsonl.gz and train.jsonl.gz or its shards (python -m training.corpus shard)")
+    p.add_argument("--tokenizer", default=str(default_model_dir() / "tokenizer.json"),
+                   help="tokenizer.json (default: the shipped model's)")
     p.add_argument("--out", default="runs/default", help="run folder: checkpoint/ and log.jsonl")
     p.add_argument("--init", help="start from the weights of this model directory")
     p.add_argument("--export", help="write a model directory here at the end")
@@ -300,7 +303,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--valid-every", type=int, default=250)
     p.add_argument("--save-every", type=int, default=250)
-    run(p.parse_args(argv))
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -768,7 +768,7 @@ def run_soak(
     """
     with tempfile.TemporaryDirectory(prefix="parafill-soak-model-") as model_scratch:
         if model_dir is None:
-            from denoiser.tiny import make_tiny_model  # only here: the soak itself needs no torch
+            from tools.tiny_native import make_tiny_model  # only here: the soak itself needs no torch
 
             model_dir = make_tiny_model(Path(model_scratch) / "tiny-model")
         rss: list[tuple[int, int]] = []
