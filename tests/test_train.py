@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from denoiser.checkpoint import load_native_model
-from denoiser.config import EOS_ID, FIM_MIDDLE_ID, FIM_PREFIX_ID, FIM_SUFFIX_ID
+from denoiser.config import EOS_ID, FIM_MIDDLE_ID, FIM_PREFIX_ID, FIM_SUFFIX_ID, ModelConfig
+from denoiser.model import SpanDenoiser
 from denoiser.tokenizer import CodeTokenizer
 from tools.tiny_native import make_tiny_model
-from training.examples import split_text, tokenize_splits
+from training.examples import TokenExample, split_text, tokenize_splits
 from training.train import main as train_main
 
 SOURCE = '''import os
@@ -61,7 +62,8 @@ def test_training_resumes_from_its_checkpoint_and_exports_a_loadable_model(tmp_p
     run = tmp_path / "run"
     common = ["--corpus", str(corpus), "--tokenizer", str(model_dir / "tokenizer.json"), "--out", str(run),
               "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64", "--batch-size", "4",
-              "--context-tokens", "64", "--valid-every", "3", "--save-every", "3", "--device", "cpu"]
+              "--context-tokens", "64", "--valid-every", "3", "--save-every", "3", "--device", "cpu",
+              "--no-compile"]  # the compiled loss has its own test below
     train_main([*common, "--total-steps", "3"])
     state = json.loads((run / "checkpoint" / "state.json").read_text())
     assert state["step"] == 3 and state["tokens"] > 0
@@ -86,7 +88,8 @@ def test_training_reads_a_sharded_corpus_with_a_data_worker(tmp_path):
     run = tmp_path / "run"
     train_main(["--corpus", str(corpus), "--tokenizer", str(model_dir / "tokenizer.json"), "--out", str(run),
                 "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64", "--batch-size", "4",
-                "--context-tokens", "64", "--total-steps", "2", "--device", "cpu", "--data-workers", "1"])
+                "--context-tokens", "64", "--total-steps", "2", "--device", "cpu", "--data-workers", "1",
+                "--no-compile", "--precision", "fp32"])
     assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 2
     (corpus / "train-000.jsonl.gz").unlink()
     (corpus / "train-001.jsonl.gz").unlink()
@@ -99,3 +102,64 @@ def test_default_tokenizer_is_the_shipped_models():
 
     default = Path(build_parser().get_default("tokenizer"))
     assert default.is_file() and default.parent.name == "default_model"
+
+
+def tiny_batch(span=16, context=48, seed=0):
+    from training.loop import TrainSettings, collate
+
+    rng = random.Random(seed)
+    examples = [TokenExample([FIM_SUFFIX_ID] + [rng.randrange(10, 300) for _ in range(context - 2)] + [FIM_MIDDLE_ID],
+                             [rng.randrange(10, 300) for _ in range(rng.randint(1, span - 2))] + [EOS_ID], "line")
+                for _ in range(4)]
+    settings = TrainSettings(context_tokens=context, ar_positions=8)
+    return collate(examples, span, torch.Generator().manual_seed(seed), "cpu", region=context + span), settings
+
+
+def tiny_model(vocab=384):
+    config = ModelConfig(vocab_size=vocab, d_model=64, n_layers=2, n_heads=2, d_ff=128, max_positions=512)
+    model = SpanDenoiser(config)
+    model.init_weights(torch.Generator().manual_seed(0))
+    return model
+
+
+def test_compiled_bf16_loss_matches_eager_fp32():
+    from training.loop import losses
+    from training.step import autocast, compiled
+
+    model = tiny_model()
+    batch, settings = tiny_batch()
+    eager = losses(model, batch, settings, torch.Generator().manual_seed(1))
+    with autocast(torch.device("cpu"), "bf16"):
+        fast = compiled(losses, True)(model, batch, settings, torch.Generator().manual_seed(1))
+    for a, b in zip(eager, fast):
+        assert b.dtype == torch.float32 and abs(a.item() - b.item()) < 0.03 * a.item()
+
+
+def test_step_flops_matches_what_torch_counts():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from training.loop import losses
+    from training.step import step_flops
+
+    model = tiny_model()
+    span, context = 16, 48
+    batch, settings = tiny_batch(span, context)
+    # The math attention backend runs attention as matmuls the counter sees.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        mdlm, ar = losses(model, batch, settings, torch.Generator().manual_seed(1))
+        (mdlm + ar).backward()
+    expected = step_flops(model.config, 4, context + 2 * span, span + settings.ar_positions + span)
+    assert abs(counter.get_total_flops() - expected) / expected < 0.02
+
+
+def test_train_help_loads_no_torch():
+    # `parafill train --help` answers at once: the command line imports nothing heavy.
+    import subprocess
+    import sys
+
+    code = "import sys; from lsp_server.cli import main; main(['train', '--help'])"
+    probe = f"import atexit, sys; atexit.register(lambda: print('torch' in sys.modules, file=sys.stderr)); {code}"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert "--precision" in done.stdout and done.stderr.strip().endswith("False")

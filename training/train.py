@@ -1,281 +1,25 @@
-"""`parafill train`: the default model's training loop (MDLM + next-token loss).
+"""`parafill train`: train a native model on a corpus, in resumable stretches.
 
-Each example is a FIM cut of a real file. The span loss is MDLM: mask each
-span position with probability t ~ U(0, 1), cross-entropy on masked positions
-weighted 1/t. The causal part of the sequence holds the context followed by
-the middle and <eos>, so the same pass also trains next-token prediction
-(the autoregressive baseline) at little extra cost; span queries never see
-that causal copy of the middle (see `model.training_mask`).
-
-Training runs in stretches (`--minutes`), saving a safetensors checkpoint
-(weights, optimizer moments, step, data position) that the next stretch
-resumes from, since a GPU machine can go away at any time.
+This module is the command line only, so `parafill train --help` answers at
+once; the loop (and torch) is `training/loop.py`.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import random
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+import denoiser
 
-from denoiser.checkpoint import load_native_model
-from denoiser.config import MASK_ID, PAD_ID, ModelConfig
-from denoiser.loading import default_model_dir
-from denoiser.model import SpanDenoiser, training_mask
-from denoiser.tokenizer import CodeTokenizer
-from training.corpus.shards import train_files as corpus_train_files
-from training.examples import TokenExample
-from training.export import save_native_model
-from training.train_data import SPAN_CHOICES, ExampleStream, PrefetchStream, fit_span, read_corpus
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    context_tokens: int = 256
-    batch_size: int = 32
-    lr: float = 2e-3
-    warmup_steps: int = 200
-    total_steps: int = 20000
-    weight_decay: float = 0.1
-    ar_weight: float = 0.5
-    ar_positions: int = 64
-    pad_weight: float = 0.1
-    seed: int = 0
-
-
-def collate(examples: list[TokenExample], span: int, rng: torch.Generator, device):
-    """Tensors for one batch: ids, positions, mask, and the targets of both losses."""
-    b = len(examples)
-    causal_lens = [len(e.context) + len(e.middle) for e in examples]
-    region = max(causal_lens)
-    ids = torch.full((b, region + span), PAD_ID, dtype=torch.long)
-    positions = torch.zeros((b, region + span), dtype=torch.long)
-    span_target = torch.full((b, span), PAD_ID, dtype=torch.long)
-    for i, e in enumerate(examples):
-        seq = e.context + e.middle
-        ids[i, : len(seq)] = torch.tensor(seq)
-        positions[i, :region] = torch.arange(region)
-        positions[i, region:] = torch.arange(len(e.context), len(e.context) + span)
-        span_target[i, : len(e.middle)] = torch.tensor(e.middle)
-    # MDLM noise: one t per example, each span position masked with probability t.
-    t = torch.rand(b, 1, generator=rng).clamp(min=0.02)
-    masked = torch.rand(b, span, generator=rng) < t
-    masked[torch.arange(b), torch.randint(0, span, (b,), generator=rng)] = True
-    ids[:, region:] = torch.where(masked, MASK_ID, span_target)
-    ctx_len = torch.tensor([len(e.context) for e in examples])
-    causal_len = torch.tensor(causal_lens)
-    mask = training_mask(causal_len, ctx_len, region, span)
-    return {
-        "ids": ids.to(device), "positions": positions.to(device), "mask": mask.to(device),
-        "span_target": span_target.to(device), "masked": masked.to(device), "t": t.to(device),
-        "causal_len": causal_len.to(device), "ctx_len": ctx_len.to(device), "region": region,
-    }
-
-
-def losses(model: SpanDenoiser, batch: dict, settings: TrainSettings, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    hidden = model.forward_hidden(batch["ids"], batch["positions"], batch["mask"])
-    region = batch["region"]
-    span_logits = model.logits(hidden[:, region:]).float()
-    ce = F.cross_entropy(span_logits.transpose(1, 2), batch["span_target"], reduction="none")
-    # <pad> fills most of a short middle's span: at full weight it drowns the
-    # middle and <eos> (the first CPU-trained model learned "all pad" and little else).
-    weight = torch.where(batch["span_target"] == PAD_ID, settings.pad_weight, 1.0)
-    mdlm = (ce * weight * batch["masked"] / batch["t"]).sum() / batch["masked"].numel()
-    # Next-token loss on a sample of causal positions: all middle positions plus
-    # random context positions (the full LM head over every position costs too much).
-    b = hidden.shape[0]
-    n = settings.ar_positions
-    ctx_len, causal_len = batch["ctx_len"], batch["causal_len"]
-    pick_ctx = (torch.rand(b, n, generator=rng).to(hidden.device) * (causal_len - 1).unsqueeze(1)).long()
-    longest_middle = int((causal_len - ctx_len).max())
-    pick_middle = (ctx_len - 1).unsqueeze(1) + torch.arange(longest_middle, device=hidden.device).unsqueeze(0)
-    pick = torch.cat([pick_ctx, pick_middle], 1)
-    valid = pick < (causal_len - 1).unsqueeze(1)
-    pick = pick.clamp(max=region - 2)
-    h = torch.gather(hidden, 1, pick.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    target = torch.gather(batch["ids"], 1, pick + 1)
-    ar_ce = F.cross_entropy(model.logits(h).float().transpose(1, 2), target, reduction="none")
-    ar = (ar_ce * valid).sum() / valid.sum().clamp(min=1)
-    return mdlm, ar
-
-
-def lr_at(step: int, s: TrainSettings) -> float:
-    if step < s.warmup_steps:
-        return s.lr * (step + 1) / s.warmup_steps
-    progress = min(1.0, (step - s.warmup_steps) / max(1, s.total_steps - s.warmup_steps))
-    return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def save_checkpoint(path: Path, model, optimizer, step: int, tokens: int, stream_state) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
-    moments = {}
-    names = {p: n for n, p in model.named_parameters()}
-    for p, st in optimizer.state.items():
-        for key in ("exp_avg", "exp_avg_sq"):
-            moments[f"{names[p]}::{key}"] = st[key].detach().cpu().contiguous()
-    save_file(moments, str(path / "optimizer.safetensors"))
-    (path / "state.json").write_text(json.dumps({"step": step, "tokens": tokens, "config": model.config.to_json(), "rng": stream_state}))
-
-
-def load_checkpoint(path: Path, model, optimizer) -> tuple[int, int, object]:
-    state = json.loads((path / "state.json").read_text())
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
-    moments = load_file(str(path / "optimizer.safetensors"))
-    step = state["step"]
-    for name, p in model.named_parameters():
-        if f"{name}::exp_avg" in moments:
-            optimizer.state[p] = {
-                "step": torch.tensor(float(step)),
-                "exp_avg": moments[f"{name}::exp_avg"].to(p.device),
-                "exp_avg_sq": moments[f"{name}::exp_avg_sq"].to(p.device),
-            }
-    return step, state["tokens"], state["rng"]
-
-
-@torch.no_grad()
-def validate(model, batches, settings, device) -> dict:
-    model.eval()
-    rng = torch.Generator().manual_seed(1234)
-    totals = {"mdlm": 0.0, "ar": 0.0}
-    for examples, span in batches:
-        batch = collate(examples, span, rng, device)
-        with autocast(device):
-            mdlm, ar = losses(model, batch, settings, rng)
-        totals["mdlm"] += mdlm.item() / len(batches)
-        totals["ar"] += ar.item() / len(batches)
-    model.train()
-    return totals
-
-
-def autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
-def run(args) -> None:
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu" and args.threads:
-        torch.set_num_threads(args.threads)
-    settings = TrainSettings(
-        context_tokens=args.context_tokens, batch_size=args.batch_size, lr=args.lr,
-        total_steps=args.total_steps, warmup_steps=args.warmup_steps, seed=args.seed,
-        ar_positions=args.ar_positions, pad_weight=args.pad_weight,
-    )
-    tokenizer = CodeTokenizer.load(Path(args.tokenizer))
-    corpus = Path(args.corpus)
-    try:
-        train_paths = corpus_train_files(corpus)
-    except FileNotFoundError as exc:
-        raise SystemExit(f"--corpus: {exc}") from exc
-    valid_files = read_corpus(corpus / "valid.jsonl.gz")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = ModelConfig(
-        vocab_size=tokenizer.vocab_size, d_model=args.d_model, n_layers=args.n_layers,
-        n_heads=args.n_heads, d_ff=args.d_ff, max_positions=args.max_positions,
-        context_tokens=args.context_tokens,
-    )
-    model = SpanDenoiser(config)
-    model.init_weights(torch.Generator().manual_seed(settings.seed))
-    model.to(device).train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.lr, betas=(0.9, 0.95), fused=device.type == "cuda",
-    )
-    step, tokens, stream_seed = 0, 0, settings.seed
-    ckpt = out / "checkpoint"
-    if (ckpt / "state.json").exists():
-        step, tokens, stream_seed = load_checkpoint(ckpt, model, optimizer)
-        print(f"resumed from {ckpt} at step {step} ({tokens / 1e6:.1f}M tokens)", file=sys.stderr)
-    elif args.init:
-        init_model, _, init_config = load_native_model(Path(args.init), device)
-        if init_config != config:
-            raise SystemExit(f"--init {args.init}: its config differs from the requested shape")
-        model.load_state_dict(init_model.state_dict())
-    seed = hash((stream_seed, step)) & 0xFFFFFFFF
-    if args.data_workers:
-        stream = PrefetchStream(train_paths, Path(args.tokenizer), settings.context_tokens, seed,
-                                args.data_workers, settings.batch_size)
-        next_batch = stream.batch
-    else:
-        train_files = [record for path in train_paths for record in read_corpus(path)]
-        local = ExampleStream(train_files, tokenizer, settings.context_tokens, seed)
-        next_batch = lambda: local.batch(settings.batch_size)  # noqa: E731
-    valid_stream = ExampleStream(valid_files, tokenizer, settings.context_tokens, seed=999)
-    valid_batches = [([fit_span(e, span) for e in valid_stream.batch(settings.batch_size)], span)
-                     for span in (16, 32, 64) for _ in range(2)]
-    noise = torch.Generator().manual_seed(step + 17)
-    log = open(out / "log.jsonl", "a", encoding="utf-8")
-    start, start_tokens = time.monotonic(), tokens
-    deadline = start + args.minutes * 60
-    span_rng = random.Random(step)
-    last_print = 0.0
-    try:
-        while step < settings.total_steps and time.monotonic() < deadline:
-            span = span_rng.choice(SPAN_CHOICES)
-            examples = [fit_span(e, span) for e in next_batch()]
-            batch = collate(examples, span, noise, device)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, settings)
-            with autocast(device):
-                mdlm, ar = losses(model, batch, settings, noise)
-                loss = mdlm + settings.ar_weight * ar
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            step += 1
-            tokens += sum(len(e.context) + len(e.middle) for e in examples) + len(examples) * span
-            if step % args.save_every == 0:
-                save_checkpoint(ckpt, model, optimizer, step, tokens, settings.seed)
-            now = time.monotonic()
-            validating = step % args.valid_every == 0
-            printing = now - last_print > 2 or validating
-            if not (printing or validating or step % args.log_every == 0):
-                continue  # reading a loss back waits for the GPU: only when it is shown
-            record = {"step": step, "tokens": tokens, "mdlm": round(mdlm.item(), 4), "ar": round(ar.item(), 4),
-                      "lr": lr_at(step, settings)}
-            if validating:
-                record["valid"] = validate(model, valid_batches, settings, device)
-            if step % args.log_every == 0 or validating:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            if printing:
-                rate = (tokens - start_tokens) / max(1e-9, now - start)
-                bar = "#" * int(30 * step / settings.total_steps)
-                print(f"\r[{bar:<30}] step {step}/{settings.total_steps} mdlm {record['mdlm']:.3f} ar {record['ar']:.3f} "
-                      f"{rate / 1000:.1f}k tok/s {(now - start) / 60:.1f} min"
-                      + (f" valid {record['valid']}" if validating else ""),
-                      end="\n" if validating else "", file=sys.stderr, flush=True)
-                last_print = now
-    finally:
-        if args.data_workers:
-            stream.close()
-    save_checkpoint(ckpt, model, optimizer, step, tokens, settings.seed)
-    print(f"\nsaved {ckpt} at step {step} ({tokens / 1e6:.1f}M tokens)", file=sys.stderr)
-    if args.export:
-        card = Path(args.card).read_text(encoding="utf-8") if args.card else "# parafill model\n"
-        save_native_model(model.float().cpu(), Path(args.tokenizer), Path(args.export), int8=args.int8, card=card)
-        print(f"exported {args.export}", file=sys.stderr)
+PRECISIONS = ("auto", "bf16", "fp32")
+DEFAULT_TOKENIZER = Path(denoiser.__file__).resolve().parent / "default_model" / "tokenizer.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="parafill train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="parafill train",
+                                description="Train a native parafill model on a corpus, in resumable stretches.")
     p.add_argument("--corpus", default="data/corpus",
                    help="folder with valid.jsonl.gz and train.jsonl.gz or its shards (python -m training.corpus shard)")
-    p.add_argument("--tokenizer", default=str(default_model_dir() / "tokenizer.json"),
+    p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER),
                    help="tokenizer.json (default: the shipped model's)")
     p.add_argument("--out", default="runs/default", help="run folder: checkpoint/ and log.jsonl")
     p.add_argument("--init", help="start from the weights of this model directory")
@@ -283,7 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--card", help="MODEL_CARD.md to put in the exported directory")
     p.add_argument("--int8", action="store_true", help="export int8 weights with per-channel scales")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads on a CPU (default: torch's choice)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="bf16 autocast with fp32 master weights, or fp32 (auto: bf16 where the device runs it natively)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile the loss with torch.compile (one graph per span length; --no-compile for short runs)")
     p.add_argument("--data-workers", type=int, default=0,
                    help="processes that build batches ahead of the loop (a GPU needs several; 0: in-process)")
     p.add_argument("--minutes", type=float, default=9.0, help="stop (and save) after this long")
@@ -307,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    from training.loop import run
+
+    run(args)
 
 
 if __name__ == "__main__":
