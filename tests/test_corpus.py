@@ -22,7 +22,7 @@ from training.corpus.builder import corpus_hash_of, select_records, write_corpus
 from training.corpus.decontaminate import Decontaminator, load_patterns, patterns_from_records
 from training.corpus.dedup import Deduplicator, estimated_jaccard, exact_jaccard, exact_key, minhash
 from training.corpus.fetch import FetchError, download
-from training.corpus.filters import compiled_twins, content_drop_reason, language_of, path_drop_reason
+from fim.code_files import compiled_twins, content_drop_reason, language_of, path_drop_reason
 from training.corpus.licences import classify, spdx_is_permissive
 from training.corpus.manifest import ManifestError, PackageEntry, dump_manifest, load_manifest, parse_manifest
 

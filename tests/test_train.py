@@ -163,3 +163,21 @@ def test_train_help_loads_no_torch():
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert "--precision" in done.stdout and done.stderr.strip().endswith("False")
+
+
+def test_quality_plot_reads_eval_results(tmp_path):
+    from training.curves import headline, main
+
+    def evaluation(pass1, shown, of_shown):
+        gate = {"0.3": {"shown": shown, "exact_match_of_shown": of_shown, "pass@1_of_shown": of_shown}}
+        suite = {"count": 10, "exact_match": pass1, "pass@1": pass1, "latency_ms": {"p50": 50.0},
+                 "min_confidence": gate}
+        return {"settings": [{"metrics": {"single": suite, "heldout": suite}}]}
+
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(evaluation(0.1, 0.5, 0.4)))
+    second.write_text(json.dumps(evaluation(0.2, 0.5, 0.6)))
+    numbers = headline(evaluation(0.2, 0.5, 0.6))
+    assert numbers["single"]["pass@1 gated"] == 0.3 and numbers["heldout"]["precision"] == 0.6
+    main(["--quality", f"1e6={first}", "--quality", f"2e6={second}", "--out", str(tmp_path / "q.png")])
+    assert (tmp_path / "q.png").stat().st_size > 0

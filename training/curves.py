@@ -1,7 +1,9 @@
-"""Plot a training run's log.jsonl: train and validation loss against tokens seen.
+"""Plot a training run: its losses against tokens seen, or its held-out quality.
 
 `python -m training.curves runs/default/log.jsonl --out eval/results/training.png`
-Reads the log `parafill train` writes; never touches the model.
+`python -m training.curves --quality 13.9e6=a.json,b.json --quality 30e6=c.json --out q.png`
+Reads the log `parafill train` writes and the JSON `parafill eval` writes; never
+touches the model.
 """
 from __future__ import annotations
 
@@ -46,12 +48,73 @@ def plot(records: list[dict], out: Path, title: str) -> None:
     fig.savefig(out, dpi=120)
 
 
+def headline(evaluation: dict, gate: str = "0.3") -> dict:
+    """The campaign's numbers from one `parafill eval` JSON (its first decode setting).
+
+    "gated" numbers count a suggestion hidden by the confidence gate as a miss;
+    "precision" is the exact-match rate of what the gate shows.
+    """
+    metrics = evaluation["settings"][0]["metrics"]
+    out = {}
+    for suite, value in (("single", "pass@1"), ("multi", "pass@1"), ("heldout", "exact_match")):
+        m = metrics.get(suite)
+        if not m:
+            continue
+        shown = m["min_confidence"][gate]
+        of_shown = shown.get("pass@1_of_shown" if value == "pass@1" else "exact_match_of_shown") or 0.0
+        out[suite] = {value: m[value], f"{value} gated": round(shown["shown"] * of_shown, 4),
+                      "shown": shown["shown"], "precision": shown.get("exact_match_of_shown"),
+                      "p50_ms": m["latency_ms"]["p50"], "count": m["count"]}
+    return out
+
+
+def plot_quality(points: list[tuple[float, dict]], out: Path, title: str) -> None:
+    """Held-out quality (gate off and at the default gate) against training tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sorted(points, key=lambda p: p[0])
+    tokens = [t / 1e6 for t, _ in points]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    series = (("single", "pass@1", "HumanEval single-line pass@1"), ("multi", "pass@1", "multi-line pass@1"),
+              ("heldout", "exact_match", "held-out rest-of-line exact"))
+    for suite, value, label in series:
+        if all(suite in h for _, h in points):
+            ax.plot(tokens, [100 * h[suite][value] for _, h in points], "o-", label=f"{label}, gate off")
+            ax.plot(tokens, [100 * h[suite][f"{value} gated"] for _, h in points], "s--",
+                    label=f"{label}, default gate")
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("%")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("log", type=Path)
+    p.add_argument("log", type=Path, nargs="?", help="a run's log.jsonl: plot its loss curves")
+    p.add_argument("--quality", action="append", default=[], metavar="TOKENS=EVAL.json[,EVAL.json]",
+                   help="plot held-out quality against training tokens from `parafill eval` results instead")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--title", default="parafill default model: training curves")
     args = p.parse_args(argv)
+    if args.quality:
+        points = []
+        for item in args.quality:
+            tokens, _, files = item.partition("=")
+            merged: dict = {}
+            for name in files.split(","):
+                merged.update(headline(json.loads(Path(name).read_text(encoding="utf-8"))))
+            points.append((float(tokens), merged))
+        plot_quality(points, args.out, args.title)
+        return
+    if args.log is None:
+        p.error("give a log.jsonl, or --quality")
     plot(read_log(args.log), args.out, args.title)
 
 

@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from .filters import MAX_FILE_BYTES, language_of
+from fim.code_files import MAX_FILE_BYTES, language_of
 
 
 def _inner_path(name: str) -> str | None:

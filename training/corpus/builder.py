@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 
 from .decontaminate import Decontaminator
 from .dedup import Deduplicator
-from .filters import compiled_twins, content_drop_reason, language_of, normalise_newlines, path_drop_reason
+from fim.code_files import compiled_twins, content_drop_reason, language_of, normalise_newlines, path_drop_reason
 from .manifest import Manifest, PackageEntry
 
 FileSource = Callable[[PackageEntry], Iterable[tuple[str, bytes]]]

@@ -16,7 +16,7 @@ import sysconfig
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from .filters import language_of
+from fim.code_files import language_of
 from .licences import classify
 
 
