@@ -5,6 +5,7 @@ not cache completions, time requests or talk to the editor (the engine does).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -18,7 +19,16 @@ class Cancelled(Exception):
 
 
 class ModelLoadError(Exception):
-    """A model directory cannot be used; the message names the file and the fix."""
+    """A model directory cannot be used; the message names the file and the fix.
+
+    `setting` names the user's choice to change when that is the fix ("model": the
+    directory; "device"); the front end says how, in its own terms (a command-line
+    flag, an editor setting), so the message itself names neither.
+    """
+
+    def __init__(self, message: str, *, setting: str | None = None):
+        super().__init__(message)
+        self.setting = setting
 
 
 @dataclass(frozen=True)
@@ -27,11 +37,17 @@ class DecodeSettings:
 
     steps: most denoising steps per span (0 = as many as the span needs);
     confidence_threshold: commit every masked position whose top probability
-    passes it (at least one per step).
+    passes it (at least one per step); deadline: the `time.monotonic()` instant
+    after which no further step starts (the latency budget; None = none). A span
+    stopped by it keeps what was decoded before its first still-masked position.
     """
 
     steps: int = 0
     confidence_threshold: float = 0.9
+    deadline: float | None = None
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -51,6 +67,11 @@ class FillResult:
     # How sure the model was of this text: the geometric mean of the probabilities
     # it gave each written token (and the end) when committing it; None: not known.
     confidence: float | None = None
+    # How the model judged the request's draft: "accepted" (whole), "repaired", "rejected"; None: no draft.
+    draft: str | None = None
+    # The latency budget ran out: the text is what was decoded before the first still-masked
+    # position (never a hole), shorter than a full answer; not cached, never grown.
+    budget_cut: bool = False
 
 
 class Backend(Protocol):
@@ -76,5 +97,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r}: no CUDA device is available; use --device cpu or auto")
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "torch finds no CUDA GPU"
+        raise ModelLoadError(f"device {device!r}: no CUDA device is available ({why})", setting="device")
     return resolved

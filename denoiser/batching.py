@@ -6,7 +6,9 @@ every request in the batch while the others wait; requests arriving while a
 step runs join at the next one; each request leaves as soon as its span is
 done, and a cancelled one leaves at the next step. When the driver's own span
 is done it hands the wheel to a waiting request, so nobody waits for a slower
-neighbour's span.
+neighbour's span. A request whose latency budget (`DecodeSettings.deadline`)
+runs out leaves after the step in which it did, with the tokens decoded before
+its first still-masked position.
 
 Requests whose spans share a length bucket share a forward pass: their
 contexts are copied once, on joining, into rows of one K/V tensor per bucket
@@ -32,11 +34,16 @@ from torch import Tensor
 from denoiser.backend import Cancelled, DecodeSettings
 from denoiser.config import EOS_ID, MASK_ID, PAD_ID
 from denoiser.model import KVBuffers
-from denoiser.sampler import NEVER_WRITTEN, SpanResult, scored_confidence
+from denoiser.sampler import (NEVER_WRITTEN, SpanResult, SpanStart, budget_cut_result, result_if_finished,
+                              scored_confidence)
 
 # Pooled context rows grow in steps of this many positions (few reallocations).
 CAPACITY_STEP = 1024
 DEFAULT_MAX_BATCH = 16
+# Pooled rows left with no request are kept for the next batch while all pools together
+# stay under this many bytes, and freed otherwise (a batch of 16 long contexts once must
+# not hold its rows for the rest of the day).
+POOL_BYTES = 32 << 20
 
 
 # --- the step's decisions, on device ------------------------------------------------
@@ -174,6 +181,10 @@ class ContextRows:
     def rows(self) -> int:
         return self.kv.k.shape[1]
 
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.kv.k.numel() * self.kv.k.element_size()
+
     def _grow(self, rows: int, capacity: int) -> None:
         if self.fixed:
             raise RuntimeError(f"context rows are fixed at {self.rows} x {self.kv.capacity} positions; "
@@ -219,13 +230,14 @@ class BatchCounters:
     forwards: int = 0  # span forward passes (one per bucket per step)
     max_batch: int = 0
     cancelled: int = 0
+    budget_cuts: int = 0  # spans stopped by their latency budget
     per_batch_size: dict[int, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         mean = self.request_steps / self.steps if self.steps else 0.0
         return {"requests": self.requests, "steps": self.steps, "shared_steps": self.shared_steps,
                 "request_steps": self.request_steps, "forwards": self.forwards, "max_batch": self.max_batch,
-                "mean_batch": round(mean, 3), "cancelled": self.cancelled,
+                "mean_batch": round(mean, 3), "cancelled": self.cancelled, "budget_cuts": self.budget_cuts,
                 "steps_by_batch_size": dict(sorted(self.per_batch_size.items()))}
 
 
@@ -242,7 +254,7 @@ class SpanBatcher:
 
     def __init__(self, model, *, device, dtype, vocab_limit: int | None = None,
                  max_batch: int = DEFAULT_MAX_BATCH, step_runner: StepRunner | None = None,
-                 fixed_capacity: int | None = None):
+                 fixed_capacity: int | None = None, pool_bytes: int = POOL_BYTES):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
@@ -252,6 +264,7 @@ class SpanBatcher:
         self.max_batch = max_batch
         self.step_runner: StepRunner = step_runner or EagerStep()
         self.fixed_capacity = fixed_capacity
+        self.pool_bytes = pool_bytes
         self.banned = torch.tensor(NEVER_WRITTEN, dtype=torch.long, device=self.device)
         self.counters = BatchCounters()
         # The driver counts while it runs steps without `_cond`; `stats` reads under this.
@@ -271,13 +284,36 @@ class SpanBatcher:
         with self._counting:
             return self.counters.as_dict()
 
+    def pool_stats(self) -> dict[str, int]:
+        """Span buckets with pooled rows, the bytes they hold, and the bytes kept between batches."""
+        pools = list(self._rows.values())  # read without the lock: a figure for status
+        return {"entries": len(pools), "bytes": sum(p.nbytes for p in pools), "max_bytes": self.pool_bytes}
+
+    def _trim_pools(self) -> None:
+        """Free pools no request uses while all pools together hold more than `pool_bytes`
+        (driver only). CUDA-graph pools are never freed: their graphs read fixed addresses."""
+        held = sum(p.nbytes for p in self._rows.values())
+        for span_len, pool in list(self._rows.items()):
+            if held <= self.pool_bytes:
+                return
+            if not pool.jobs and not pool.fixed:
+                held -= pool.nbytes
+                del self._rows[span_len]
+
     def denoise(self, kv: KVBuffers, ctx_len: int, span_len: int, decode: DecodeSettings,
-                is_cancelled: Callable[[], bool] = lambda: False) -> SpanResult:
+                is_cancelled: Callable[[], bool] = lambda: False, *,
+                start: SpanStart | None = None) -> SpanResult:
         """Fill span_len masks after ctx_len context tokens of kv (batch row 0); blocks until done.
 
+        `start`: the span partly decided already (a checked draft); a start with
+        nothing left to decide returns at once, without a step.
         Raises `Cancelled` if is_cancelled() turns true before the span is done.
         """
-        job = self._new_job(kv, ctx_len, span_len, decode, is_cancelled)
+        job = self._new_job(kv, ctx_len, span_len, decode, is_cancelled, start)
+        if start is not None:
+            done = result_if_finished(job.state.span[0], job.state.masked[0], job.state.committed[0], start.steps)
+            if done is not None:
+                return done
         with self._cond:
             with self._counting:
                 self.counters.requests += 1
@@ -296,21 +332,29 @@ class SpanBatcher:
             raise job.error
         return job.result
 
-    def _new_job(self, kv, ctx_len, span_len, decode, is_cancelled) -> SpanJob:
+    def _new_job(self, kv, ctx_len, span_len, decode, is_cancelled, start: SpanStart | None = None) -> SpanJob:
         if span_len < 1:
             raise ValueError(f"span_len must be >= 1, got {span_len}")
         if ctx_len > kv.capacity:
             raise ValueError(f"ctx_len {ctx_len} exceeds the cache capacity {kv.capacity}")
         dev = self.device
+        if start is None:
+            span = torch.full((1, span_len), MASK_ID, dtype=torch.long, device=dev)
+            masked = torch.ones((1, span_len), dtype=torch.bool, device=dev)
+            committed = torch.zeros((1, span_len), dtype=torch.float32, device=dev)
+        else:
+            if len(start.span) != span_len:
+                raise ValueError(f"the start holds {len(start.span)} positions, the span {span_len}")
+            span, masked, committed = start.tensors(dev)
         state = StepState(
-            span=torch.full((1, span_len), MASK_ID, dtype=torch.long, device=dev),
-            masked=torch.ones((1, span_len), dtype=torch.bool, device=dev),
-            steps=torch.zeros(1, dtype=torch.long, device=dev),
+            span=span,
+            masked=masked,
+            steps=torch.full((1,), start.steps if start else 0, dtype=torch.long, device=dev),
             live=torch.ones(1, dtype=torch.bool, device=dev),
             threshold=torch.full((1,), decode.confidence_threshold, dtype=torch.float32, device=dev),
             max_steps=torch.full((1,), decode.steps, dtype=torch.long, device=dev),
             ctx_len=ctx_len,
-            committed=torch.zeros((1, span_len), dtype=torch.float32, device=dev),
+            committed=committed,
         )
         return SpanJob(kv, ctx_len, span_len, decode, is_cancelled, state)
 
@@ -372,10 +416,28 @@ class SpanBatcher:
                 for i, job in enumerate(jobs):
                     job.error = exc if i == 0 else shared_failure(exc)
                 finished += jobs
+        finished += self._cut_past_deadline(running, finished)
         for job in finished:
             if job.row is not None:
                 self._rows[job.span_len].release(job)
+        if finished:
+            self._trim_pools()
         return finished
+
+    def _cut_past_deadline(self, running: list[SpanJob], finished: list[SpanJob]) -> list[SpanJob]:
+        """Requests whose latency budget ran out during this step, with what they have so far
+        (checked between steps: each request runs at least one)."""
+        cut = []
+        for job in running:
+            if job in finished or not job.decode.past_deadline():
+                continue
+            state = job.state
+            job.result = budget_cut_result(state.span[0], state.masked[0], state.committed[0], int(state.steps[0]))
+            cut.append(job)
+        if cut:
+            with self._counting:
+                self.counters.budget_cuts += len(cut)
+        return cut
 
     def _rows_for(self, span_len: int) -> ContextRows:
         rows = self._rows.get(span_len)

@@ -13,6 +13,8 @@ tokens, tensors of the model or LSP.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import sys
 import threading
 import time
 from collections import deque
@@ -28,6 +30,39 @@ from fim.request import FimRequest
 Source = Literal["model", "completion_cache", "typed_ahead"]
 Fill = Callable[[Backend, FimRequest], FillResult]
 
+# What the engine's own caches may hold, in bytes: an entry keeps the whole context
+# the model saw (up to the contextTokens setting), so a count of entries says little.
+COMPLETION_CACHE_BYTES = 16 << 20
+TYPED_AHEAD_BYTES = 4 << 20
+ENTRY_OVERHEAD_BYTES = 512  # the tuples, dataclasses and cache links around an entry's text
+
+
+def held_bytes(value) -> int:
+    """Bytes of the strings `value` holds (in tuples, lists and dataclasses, however nested)."""
+    if isinstance(value, str):
+        return sys.getsizeof(value)
+    if isinstance(value, (tuple, list)):
+        return sum(held_bytes(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(held_bytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return 0
+
+
+def _entry_bytes(value) -> int:
+    return held_bytes(value) + ENTRY_OVERHEAD_BYTES
+
+
+def _weighed_bytes(entry: tuple) -> int:
+    return entry[1]
+
+
+def _store(cache, key, value) -> None:
+    """cache[key] = value, unless the entry alone outweighs the whole cache (then it is not kept)."""
+    try:
+        cache[key] = value
+    except ValueError:  # cachetools: "value too large"
+        cache.pop(key, None)
+
 
 @dataclass(frozen=True)
 class Completion:
@@ -39,6 +74,8 @@ class Completion:
     reused_context_tokens: int
     elapsed_ms: float
     confidence: float | None = None  # the fill's FillResult.confidence (typed-ahead: the fill it continues)
+    draft: str | None = None  # the fill's FillResult.draft: how the model judged the request's draft
+    budget_cut: bool = False  # the latency budget stopped the model: a hole-free start of its answer
 
 
 @dataclass(frozen=True)
@@ -79,16 +116,22 @@ def percentiles(values, points=(50, 90, 99)) -> dict[str, float | None]:
 
 
 class Engine:
-    def __init__(self, backend: Backend, cache_size: int = 256, cache_ttl_s: float = 600, latency_window: int = 1000):
+    def __init__(self, backend: Backend, cache_bytes: int = COMPLETION_CACHE_BYTES, cache_ttl_s: float = 600,
+                 typed_ahead_bytes: int = TYPED_AHEAD_BYTES, latency_window: int = 1000):
         self.backend = backend
         self._backend_lock = threading.Lock()
         self._state_lock = threading.Lock()
-        self._completions: TTLCache = TTLCache(maxsize=cache_size, ttl=cache_ttl_s)
-        self._last: LRUCache[str, _Suggestion] = LRUCache(maxsize=max(16, cache_size))
+        # Entries are (FillResult, bytes of its key and itself): the key is the context the model saw.
+        self._completions: TTLCache = TTLCache(maxsize=cache_bytes, ttl=cache_ttl_s, getsizeof=_weighed_bytes)
+        # One entry per open document; dropped when it closes (`forget`).
+        self._last: LRUCache[str, _Suggestion] = LRUCache(maxsize=typed_ahead_bytes, getsizeof=_entry_bytes)
         self._latency_ms: deque[float] = deque(maxlen=latency_window)
         self._model_latency_ms: deque[float] = deque(maxlen=latency_window)
-        self._counts = dict(requests=0, model=0, completion_cache=0, typed_ahead=0, cancelled=0, errors=0, fallbacks=0)
+        self._counts = dict(requests=0, model=0, completion_cache=0, typed_ahead=0, cancelled=0, errors=0, fallbacks=0,
+                            budget_cuts=0)
         self._context_tokens = 0
+        self._model_steps = 0  # denoising passes over all model answers (a draft's check counts one)
+        self._drafts = dict(proposed=0, accepted=0, repaired=0, rejected=0)
         self._reused_context_tokens = 0
         self.last_error: str | None = None
         # Tried in order when the backend hits a device fault; each returns a new
@@ -105,6 +148,11 @@ class Engine:
         return cls(load_backend(model, device, progress), **options)
 
     # --- answering ------------------------------------------------------------
+    @property
+    def max_context_tokens(self) -> int | None:
+        """The most context tokens the model keeps; the server plans its windows for this."""
+        return getattr(self.backend, "max_context_tokens", None)
+
     def complete(
         self,
         request: FimRequest,
@@ -119,25 +167,34 @@ class Engine:
             last = self._last.get(document)
             remainder = typed_ahead_remainder(last, request) if last else None
             key = (request.context_key(), decode.steps, decode.confidence_threshold)
-            cached: FillResult | None = self._completions.get(key) if remainder is None else None
+            entry = self._completions.get(key) if remainder is None else None
+            cached: FillResult | None = entry[0] if entry is not None else None
         if remainder is not None:
             return self._answer(document, request, remainder, "typed_ahead", None, started,
-                                confidence=last.confidence)
+                                confidence=last.confidence, is_cancelled=is_cancelled)
         if cached is not None:
-            return self._answer(document, request, cached.text, "completion_cache", cached, started)
+            return self._answer(document, request, cached.text, "completion_cache", cached, started,
+                                is_cancelled=is_cancelled)
         if is_cancelled():
             self._count("cancelled")
             raise Cancelled("cancelled before the model ran")
         result = self._fill(request, decode, document, is_cancelled)
         with self._state_lock:
-            if not result.shortened:  # a fallback's shorter answer must not outlive the fault
-                self._completions[key] = result
+            # A fallback's shorter answer must not outlive the fault, nor a budget-cut one
+            # stand in for the full answer a later request (or a faster moment) would get.
+            if not result.shortened and not result.budget_cut:
+                _store(self._completions, key, (result, held_bytes(key) + _entry_bytes(result)))
             self._context_tokens += result.context_tokens
+            self._model_steps += result.steps
+            self._counts["budget_cuts"] += result.budget_cut
+            if result.draft is not None:
+                self._drafts["proposed"] += 1
+                self._drafts[result.draft] = self._drafts.get(result.draft, 0) + 1
             self._reused_context_tokens += result.reused_context_tokens
-        return self._answer(document, request, result.text, "model", result, started)
+        return self._answer(document, request, result.text, "model", result, started, is_cancelled=is_cancelled)
 
     def _answer(self, document, request, text, source: Source, result: FillResult | None, started,
-                confidence: float | None = None) -> Completion:
+                confidence: float | None = None, is_cancelled: Callable[[], bool] = lambda: False) -> Completion:
         elapsed_ms = (time.perf_counter() - started) * 1000
         if result is not None:
             confidence = result.confidence
@@ -146,7 +203,10 @@ class Engine:
             self._latency_ms.append(elapsed_ms)
             if source == "model":
                 self._model_latency_ms.append(elapsed_ms)
-            self._last[document] = _Suggestion(request, text, confidence)
+            # A request superseded meanwhile (an edit, a newer request, the document closed and
+            # forgotten) leaves no typed-ahead state: after a close it would stay for good.
+            if not is_cancelled():
+                _store(self._last, document, _Suggestion(request, text, confidence))
         return Completion(
             text=text,
             source=source,
@@ -156,6 +216,8 @@ class Engine:
             reused_context_tokens=result.reused_context_tokens if result else 0,
             elapsed_ms=elapsed_ms,
             confidence=confidence,
+            draft=result.draft if result else None,
+            budget_cut=result.budget_cut if result else False,
         )
 
     def _fill(self, request: FimRequest, decode: DecodeSettings, document: str, is_cancelled) -> FillResult:
@@ -243,6 +305,12 @@ class Engine:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def set_threads(self, threads: int) -> None:
+        """The `threads` setting (0 = automatic) for a backend that runs on CPU threads."""
+        apply = getattr(self.backend, "set_cpu_threads", None)
+        if apply is not None:
+            apply(threads)
+
     # --- bookkeeping ------------------------------------------------------------
     def _count(self, name: str) -> None:
         with self._state_lock:
@@ -260,8 +328,22 @@ class Engine:
         with self._backend_lock:
             self.backend.forget(document)
 
+    def cache_stats(self) -> dict[str, dict[str, int]]:
+        """Entries, bytes held and the byte bound of every cache: the engine's and its backend's."""
+        backend_caches = getattr(self.backend, "cache_stats", None)
+        with self._state_lock:
+            self._completions.expire()
+            caches = {
+                "completion_cache": {"entries": len(self._completions), "bytes": int(self._completions.currsize),
+                                     "max_bytes": int(self._completions.maxsize)},
+                "typed_ahead": {"entries": len(self._last), "bytes": int(self._last.currsize),
+                                "max_bytes": int(self._last.maxsize)},
+            }
+        return {**caches, **(backend_caches() if backend_caches else {})}
+
     def status(self) -> dict:
         batching = getattr(self.backend, "batching_stats", None)
+        caches = self.cache_stats()
         with self._state_lock:
             counts = dict(self._counts)
             answered = counts["model"] + counts["completion_cache"] + counts["typed_ahead"]
@@ -286,6 +368,11 @@ class Engine:
                 "cancelled": counts["cancelled"],
                 "errors": counts["errors"],
                 "fallbacks": counts["fallbacks"],
+                "budget_cuts": counts["budget_cuts"],
+                "threads": getattr(self.backend, "cpu_threads", None),
+                "steps_per_request": round(self._model_steps / counts["model"], 3) if counts["model"] else None,
+                "drafts": dict(self._drafts),
                 "last_error": self.last_error,
+                "caches": caches,
                 **({"batching": batching()} if batching else {}),
             }

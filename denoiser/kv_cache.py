@@ -6,20 +6,29 @@ longest token prefix it shares with the last one and prefills only the rest,
 as llama.cpp does for autoregressive prompts: typing extends the prefix (the
 end of the context), so a keystroke costs a few tokens, not the whole window.
 
-Memory is bounded twice: an LRU over documents (cachetools) and buffers
-allocated in coarse steps up to the model's max positions. This module does
-not build prompts or sample.
+Memory is bounded in documents and in bytes: least recently used documents
+go first once there are more than `max_documents` or their buffers together
+pass `max_bytes`; buffers are allocated in steps up to the model's max positions.
+This module does not build prompts or sample.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
-from cachetools import LRUCache
+from collections import OrderedDict
 
 from denoiser.model import KVBuffers, SpanDenoiser
 
-CAPACITY_STEP = 1024
+# Buffers grow in steps of this many positions: a context of a few hundred tokens (what
+# the server sends) needs no buffer sized for thousands.
+CAPACITY_STEP = 256
+# The default byte bound: 8 documents of 1,024 positions of the default model.
+MAX_BYTES = 64 << 20
+
+
+def kv_bytes(kv: KVBuffers) -> int:
+    return 2 * kv.k.numel() * kv.k.element_size()
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -66,23 +75,38 @@ class ContextKVCache:
         model: SpanDenoiser,
         *,
         max_documents: int = 8,
+        max_bytes: int = MAX_BYTES,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         capacity_step: int = CAPACITY_STEP,
     ):
         self.model = model
         self.max_documents = max_documents
+        self.max_bytes = max_bytes
         self.device = torch.device(device)
         self.dtype = dtype
         self.capacity_step = capacity_step
         self.counters = CacheCounters()
-        self._entries: LRUCache[str, _Entry] = LRUCache(maxsize=max_documents)
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
+        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def __contains__(self, document: str) -> bool:
         return document in self._entries
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of the K/V buffers the cache holds."""
+        return self._bytes
+
+    def _get(self, document: str) -> _Entry | None:
+        """The document's entry, now the most recently used."""
+        entry = self._entries.get(document)
+        if entry is not None:
+            self._entries.move_to_end(document)
+        return entry
 
     def cached_ids(self, document: str) -> list[int]:
         entry = self._entries.get(document)
@@ -97,16 +121,30 @@ class ContextKVCache:
 
     def _entry_with_room(self, document: str, tokens: int, keep: int) -> _Entry:
         """The document's entry with capacity for `tokens`, its first `keep` positions preserved."""
-        entry = self._entries.get(document)
+        entry = self._get(document)
         if entry is not None and entry.kv.capacity >= tokens:
             return entry
         kv = KVBuffers.allocate(self.model.config, 1, self._capacity_for(tokens), self.device, self.dtype)
         if entry is not None and keep:
             kv.k[:, :, :, :keep] = entry.kv.k[:, :, :, :keep]
             kv.v[:, :, :, :keep] = entry.kv.v[:, :, :, :keep]
+        self._drop(document)
         entry = _Entry(kv, list(entry.ids[:keep]) if entry else [])
         self._entries[document] = entry
+        self._bytes += kv_bytes(kv)
+        self._evict()
         return entry
+
+    def _evict(self) -> None:
+        """Drop least recently used documents while there are too many or their buffers pass
+        `max_bytes`; the one just used (most recent) always stays, so no request is refused."""
+        while len(self._entries) > 1 and (len(self._entries) > self.max_documents or self._bytes > self.max_bytes):
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, document: str) -> None:
+        entry = self._entries.pop(document, None)
+        if entry is not None:
+            self._bytes -= kv_bytes(entry.kv)
 
     def prepare(self, document: str, ids: list[int], *, need_last_hidden: bool = False) -> ContextSlot:
         """Make the document's K/V hold exactly `ids`, reusing the longest common prefix.
@@ -152,7 +190,8 @@ class ContextKVCache:
         return ContextSlot(entry.kv, len(ids), reused, computed, last_hidden)
 
     def forget(self, document: str) -> None:
-        self._entries.pop(document, None)
+        self._drop(document)
 
     def clear(self) -> None:
         self._entries.clear()
+        self._bytes = 0

@@ -22,6 +22,7 @@ from denoiser.backend import Cancelled, DecodeSettings, FillResult, resolve_devi
 from denoiser.batching import DEFAULT_MAX_BATCH, SpanBatcher
 from denoiser.checkpoint import load_native_model
 from denoiser.context_layout import context_ids
+from denoiser.drafts import check_draft
 from denoiser.kv_cache import ContextKVCache
 from fim.request import FimRequest
 
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 SPAN_BUCKETS = (16, 32, 64, 128)
 # A span that ends full of content may grow once; never past this many tokens.
 MAX_TOTAL_SPAN_TOKENS = 256
+# What the per-document context K/V may hold (`ContextKVCache`, least recently used first out).
+CONTEXT_CACHE_BYTES = 64 << 20
 
 
 def span_bucket(max_tokens: int) -> int:
@@ -59,14 +62,36 @@ def native_context_ids(tokenizer, request: FimRequest, max_context_tokens: int) 
     )
 
 
-def configure_cpu_threads(leave_one_for_event_loop: bool = True) -> None:
-    """torch's CPU threads: all cores but one, which the server's event loop keeps
-    (a command with no event loop, `parafill complete`, takes them all); at most 8,
-    and never against the user's OMP_NUM_THREADS."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    cores = os.cpu_count() or 1
-    torch.set_num_threads(max(1, min(cores - leave_one_for_event_loop, 8)))
+def cpu_threads_for(cores: int) -> int:
+    """torch threads for a completion on a machine with `cores` cores: half of them, at most 8.
+
+    A completion's step is small, so threads beyond a few barely help it, while an
+    OpenMP team that needs every core collapses as soon as anything else runs (a
+    build, a test run): each step then waits for a thread the OS has set aside.
+    Half the cores keeps completions steady beside other work and leaves the
+    server's event loop a core of its own.
+    """
+    return max(1, min(cores // 2, 8))
+
+
+def resolve_cpu_threads(threads: int = 0) -> int:
+    """torch's CPU threads for a `threads` setting: itself, or for 0 the user's
+    OMP_NUM_THREADS when set, else `cpu_threads_for` this machine."""
+    if threads > 0:
+        return threads
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return cpu_threads_for(os.cpu_count() or 1)
+
+
+def configure_cpu_threads(threads: int = 0) -> int:
+    """Set torch's CPU threads for the calling thread and threads started later
+    (`resolve_cpu_threads`); returns the count."""
+    count = resolve_cpu_threads(threads)
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    return count
 
 
 def needs_more_span(text: str, mode: str) -> bool:
@@ -92,6 +117,7 @@ class NativeBackend:
         *,
         dtype: torch.dtype | None = None,
         max_documents: int = 8,
+        context_cache_bytes: int = CONTEXT_CACHE_BYTES,
         max_total_span_tokens: int = MAX_TOTAL_SPAN_TOKENS,
         max_context_tokens: int | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
@@ -100,8 +126,8 @@ class NativeBackend:
     ):
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
-        if self.device.type == "cpu":
-            configure_cpu_threads()
+        # torch keeps its thread count per thread: each fill sets it on its own (`_use_threads`).
+        self.cpu_threads = configure_cpu_threads()
         # bf16 halves the bytes each step reads on a GPU; CPUs stay in fp32 (exact, and fast enough).
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         if progress:
@@ -113,7 +139,8 @@ class NativeBackend:
         # Context and the longest span (grown once) must both fit the model's positions.
         room = min(self.config.max_positions - max_total_span_tokens, self.config.context_tokens)
         self.max_context_tokens = min(max_context_tokens or room, room)
-        self.context_cache = ContextKVCache(self.model, max_documents=max_documents, device=self.device, dtype=self.dtype)
+        self.context_cache = ContextKVCache(self.model, max_documents=max_documents, max_bytes=context_cache_bytes,
+                                           device=self.device, dtype=self.dtype)
         self._cache_lock = threading.Lock()  # the context cache's entries and their prefill
         self._documents_lock = threading.Lock()
         self._document_locks: dict[str, list] = {}  # document -> [lock, holders]
@@ -150,16 +177,28 @@ class NativeBackend:
                 if entry[1] == 0:
                     self._document_locks.pop(document, None)
 
+    def set_cpu_threads(self, threads: int = 0) -> int:
+        """The `threads` setting (0 = automatic): every fill from now on runs with it."""
+        self.cpu_threads = configure_cpu_threads(threads)
+        return self.cpu_threads
+
+    def _use_threads(self) -> None:
+        if torch.get_num_threads() != self.cpu_threads:
+            torch.set_num_threads(self.cpu_threads)
+
     def moved_to(self, device: str | torch.device) -> "NativeBackend":
         """The same model directory on another device (the engine's fallback after a CUDA fault)."""
-        return NativeBackend(
+        moved = NativeBackend(
             self.model_dir,
             device,
             max_documents=self.context_cache.max_documents,
+            context_cache_bytes=self.context_cache.max_bytes,
             max_total_span_tokens=self.max_total_span_tokens,
             max_context_tokens=self.max_context_tokens,
             max_batch=self.batcher.max_batch,
         )
+        moved.set_cpu_threads(self.cpu_threads)
+        return moved
 
     def context_ids(self, request: FimRequest) -> list[int]:
         return native_context_ids(self.tokenizer, request, self.max_context_tokens)
@@ -172,6 +211,7 @@ class NativeBackend:
         document: str = "",
         is_cancelled: Callable[[], bool] = lambda: False,
     ) -> FillResult:
+        self._use_threads()
         ids = self.context_ids(request)
         span_len = span_bucket(request.span.max_tokens)
         with self._document_turn(document):
@@ -179,25 +219,38 @@ class NativeBackend:
             # and forgotten meanwhile: a prefill now would bring its entry back).
             if is_cancelled():
                 raise Cancelled("cancelled while waiting for this document's turn")
+            check = None
             with self._cache_lock:
                 slot = self.context_cache.prepare(document, ids)
+                if request.draft:
+                    # Under the lock: no prefill (or graph capture) overlaps the scoring pass.
+                    check = check_draft(self.model, slot.kv, slot.length, span_len,
+                                        self.tokenizer.encode(request.draft),
+                                        banned_ids=self.batcher.banned, vocab_limit=self.tokenizer.vocab_size)
             # Another document's prefill may evict this entry meanwhile; the batch keeps its K/V alive.
-            result = self.batcher.denoise(slot.kv, slot.length, span_len, decode, is_cancelled)
-            middle, steps = list(result.tokens), result.steps
+            result = self.batcher.denoise(slot.kv, slot.length, span_len, decode, is_cancelled,
+                                          start=check.start if check else None)
+            # A draft rejected outright cost its scoring pass and nothing else.
+            middle, steps = list(result.tokens), result.steps + (check is not None and check.start is None)
             log_confidence, scored = result.log_confidence, result.scored
-            if not result.ended and span_len * 2 <= self.max_total_span_tokens:
-                if needs_more_span(self.tokenizer.decode(middle), request.span.mode):
-                    # Simplest exact way to write on: the committed span becomes context
-                    # (the model also learnt middle tokens causally), then a fresh span follows.
-                    with self._cache_lock:
-                        if document in self.context_cache:
-                            grown = self.context_cache.extend(document, middle)
-                        else:  # evicted by other documents meanwhile: rebuild it (exact, just slower)
-                            grown = self.context_cache.prepare(document, ids + middle)
-                    more = self.batcher.denoise(grown.kv, grown.length, span_len, decode, is_cancelled)
-                    middle += more.tokens
-                    steps += more.steps
-                    log_confidence, scored = log_confidence + more.log_confidence, scored + more.scored
+            budget_cut = result.cut
+            grow = (not result.ended and not result.cut and span_len * 2 <= self.max_total_span_tokens
+                    and needs_more_span(self.tokenizer.decode(middle), request.span.mode))
+            if grow and decode.past_deadline():
+                grow, budget_cut = False, True  # the latency budget is spent: the span stands as it is
+            if grow:
+                # Simplest exact way to write on: the committed span becomes context
+                # (the model also learnt middle tokens causally), then a fresh span follows.
+                with self._cache_lock:
+                    if document in self.context_cache:
+                        grown = self.context_cache.extend(document, middle)
+                    else:  # evicted by other documents meanwhile: rebuild it (exact, just slower)
+                        grown = self.context_cache.prepare(document, ids + middle)
+                more = self.batcher.denoise(grown.kv, grown.length, span_len, decode, is_cancelled)
+                middle += more.tokens
+                steps += more.steps
+                log_confidence, scored = log_confidence + more.log_confidence, scored + more.scored
+                budget_cut = more.cut
         return FillResult(
             text=self.tokenizer.decode(middle),
             tokens=len(middle),
@@ -205,6 +258,8 @@ class NativeBackend:
             context_tokens=len(ids),
             reused_context_tokens=slot.reused,
             confidence=math.exp(log_confidence / scored) if scored else None,
+            draft=check.outcome if check else None,
+            budget_cut=budget_cut,
         )
 
     def forget(self, document: str) -> None:
@@ -221,3 +276,10 @@ class NativeBackend:
 
     def batching_stats(self) -> dict:
         return self.batcher.stats()
+
+    def cache_stats(self) -> dict[str, dict[str, int]]:
+        """Entries, bytes and byte bound of the context K/V cache and of the batch's pooled rows.
+        Read without the cache lock (a prefill, or a graph capture, may hold it for long): figures."""
+        cache = self.context_cache
+        context = {"entries": len(cache), "bytes": cache.bytes, "max_bytes": cache.max_bytes}
+        return {"context_kv": context, "batch_rows": self.batcher.pool_stats()}

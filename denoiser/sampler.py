@@ -6,7 +6,9 @@ every still-masked position whose probability passes the threshold, and at
 least the most confident one. Positions after the first committed <eos> (or
 <pad>) can no longer reach the text: they become <pad> at once, as in training,
 and stop costing steps. The span ends at that end token once everything before
-it is committed. No randomness: ties go to the lowest position. This module
+it is committed. Past the decode's deadline (the latency budget) it stops
+between steps and keeps the tokens before the first still-masked position.
+No randomness: ties go to the lowest position. This module
 does not tokenize, cache or touch the context.
 """
 from __future__ import annotations
@@ -41,6 +43,50 @@ class SpanResult:
     ended: bool
     log_confidence: float = field(default=0.0, compare=False)
     scored: int = field(default=0, compare=False)
+    # The latency budget stopped it: `tokens` end before the first still-masked position.
+    cut: bool = False
+
+
+@dataclass(frozen=True)
+class SpanStart:
+    """A span partly decided before its first step (a checked draft, `denoiser.drafts`).
+
+    span: L token ids, MASK_ID where still open; committed: the probability each
+    decided position had when the model scored it (ignored where masked);
+    steps: forward passes already spent on it (they count against the step budget).
+    """
+
+    span: tuple[int, ...]
+    committed: tuple[float, ...]
+    steps: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.span) != len(self.committed):
+            raise ValueError(f"span has {len(self.span)} positions but committed {len(self.committed)}")
+
+    def tensors(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(span [1, L] int64, masked [1, L] bool, committed [1, L] fp32) on `device`."""
+        span = torch.tensor([self.span], dtype=torch.long, device=device)
+        committed = torch.tensor([self.committed], dtype=torch.float32, device=device)
+        return span, span == MASK_ID, committed
+
+
+def result_if_finished(span: torch.Tensor, masked: torch.Tensor, committed: torch.Tensor, steps: int) -> SpanResult | None:
+    """The SpanResult of a span row [L] that needs no further step (ended, or nothing masked), else None."""
+    end = finished_at(span, masked)
+    if end is not None:
+        return SpanResult(tuple(span[:end].tolist()), steps, True, *scored_confidence(committed, end + 1))
+    if not bool(masked.any()):
+        return SpanResult(tuple(span.tolist()), steps, False, *scored_confidence(committed, span.numel()))
+    return None
+
+
+def budget_cut_result(span: torch.Tensor, masked: torch.Tensor, committed: torch.Tensor, steps: int) -> SpanResult:
+    """A span row [L] stopped by the latency budget: the committed tokens before its first
+    still-masked position (never a hole), scored over those tokens alone."""
+    open_at = torch.nonzero(masked).flatten()
+    end = int(open_at[0]) if open_at.numel() else span.numel()
+    return SpanResult(tuple(span[:end].tolist()), steps, False, *scored_confidence(committed, end), cut=True)
 
 
 def scored_confidence(committed: torch.Tensor, length: int) -> tuple[float, int]:
@@ -102,13 +148,23 @@ def denoise_span(
     is_cancelled: Callable[[], bool] = lambda: False,
     *,
     vocab_limit: int | None = None,
+    start: SpanStart | None = None,
 ) -> SpanResult:
-    """Fill span_len masks after ctx_len cached context tokens (batch 1)."""
+    """Fill span_len masks after ctx_len cached context tokens (batch 1), from `start` if given."""
     device = kv.k.device
-    span = torch.full((1, span_len), MASK_ID, dtype=torch.long, device=device)
-    masked = torch.ones(span_len, dtype=torch.bool, device=device)
-    committed = torch.zeros(span_len, dtype=torch.float32, device=device)  # probability at commit
-    steps = 0
+    if start is None:
+        span = torch.full((1, span_len), MASK_ID, dtype=torch.long, device=device)
+        masked = torch.ones(span_len, dtype=torch.bool, device=device)
+        committed = torch.zeros(span_len, dtype=torch.float32, device=device)  # probability at commit
+        steps = 0
+    else:
+        if len(start.span) != span_len:
+            raise ValueError(f"the start holds {len(start.span)} positions, the span {span_len}")
+        span, masked, committed = start.tensors(device)
+        masked, committed, steps = masked[0], committed[0], start.steps
+        done = result_if_finished(span[0], masked, committed, steps)
+        if done is not None:
+            return done
     while True:
         if is_cancelled():
             raise Cancelled("span denoising cancelled")
@@ -124,8 +180,8 @@ def denoise_span(
         masked &= ~commit
         pad_after_first_end(span[0], masked)
         steps += 1
-        end = finished_at(span[0], masked)
-        if end is not None:
-            return SpanResult(tuple(span[0, :end].tolist()), steps, True, *scored_confidence(committed, end + 1))
-        if not bool(masked.any()):
-            return SpanResult(tuple(span[0].tolist()), steps, False, *scored_confidence(committed, span_len))
+        done = result_if_finished(span[0], masked, committed, steps)
+        if done is not None:
+            return done
+        if decode.past_deadline():
+            return budget_cut_result(span[0], masked, committed, steps)

@@ -120,6 +120,12 @@ _BY_FILENAME = {
 }
 
 
+def code_file_glob() -> str:
+    """A glob of the files of every known language but plain text, as editors watch files."""
+    extensions = sorted({ext[1:] for lang, (exts, _) in _LANGUAGES.items() if lang != "plaintext" for ext in exts})
+    return "**/*.{" + ",".join(extensions) + "}"
+
+
 def known_languages() -> tuple[str, ...]:
     """Every canonical language id, sorted."""
     return tuple(sorted(_LANGUAGES))

@@ -50,7 +50,9 @@ class FimRequest:
     language: str = "plaintext"
     path: str = ""
     snippets: tuple[Snippet, ...] = field(default=())
+    # A proposed fill from the user's own code (`fim.drafts`); the model checks and repairs it.
+    draft: str = ""
 
-    def context_key(self) -> tuple[str, str, str, str, int]:
+    def context_key(self) -> tuple[str, str, str, str, int, str]:
         """Identity of the model's input: two requests with equal keys get the same fill."""
-        return (self.preamble, self.prefix, self.suffix, self.span.mode, self.span.max_tokens)
+        return (self.preamble, self.prefix, self.suffix, self.span.mode, self.span.max_tokens, self.draft)

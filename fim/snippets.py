@@ -9,16 +9,21 @@ builder writes into the preamble as comments.
 Work is bounded (a cap on documents, characters per document and characters per
 line) and the result is deterministic: ties go to the earlier document, then the
 earlier window. A document's windows are cached by its text, so a keystroke in
-one file does not re-scan every other open file.
+one file does not re-scan every other open file. Both caches are bounded in
+bytes as well as entries, and neither keeps a document's text: a text is keyed
+by its length and hash (which Python keeps with the string, so a lookup costs
+nothing), so a closed document, or an old version of one, pins no memory.
 
 This module does not count tokens or format the preamble: `fim.context` does.
 """
 from __future__ import annotations
 
 import re
+import sys
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
 from itertools import islice
 
 from fim.positions import normalize_line_endings
@@ -28,6 +33,8 @@ MAX_DOCUMENTS = 32
 MAX_DOCUMENT_CHARS = 256_000
 MAX_LINE_CHARS = 400  # minified lines: look at their start only
 MIN_SIMILARITY = 0.12
+WINDOWS_CACHE_ENTRIES, WINDOWS_CACHE_BYTES = 64, 24 << 20
+SELECT_CACHE_ENTRIES, SELECT_CACHE_BYTES = 32, 16 << 20
 
 _IDENTIFIER = re.compile(r"[^\W\d]\w*")
 # Keywords shared by most languages say nothing about which region is related.
@@ -47,6 +54,56 @@ def identifiers(text: str) -> frozenset[str]:
     return frozenset(w for w in _IDENTIFIER.findall(text) if w.lower() not in _STOP_WORDS)
 
 
+class ByteBoundedCache:
+    """A least-recently-used memo bounded in entries and in bytes (as the caller weighs
+    each entry); safe to use from several threads."""
+
+    def __init__(self, max_entries: int, max_bytes: int):
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._items: OrderedDict = OrderedDict()  # key -> (value, bytes)
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key, default=None):
+        with self._lock:
+            found = self._items.get(key)
+            if found is None:
+                return default
+            self._items.move_to_end(key)
+            return found[0]
+
+    def put(self, key, value, size: int) -> None:
+        if size > self.max_bytes:
+            return  # would push out everything else
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            self._items[key] = (value, size)
+            self._bytes += size
+            while len(self._items) > self.max_entries or self._bytes > self.max_bytes:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._bytes -= dropped
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"entries": len(self._items), "bytes": self._bytes, "max_bytes": self.max_bytes}
+
+
+_WINDOWS = ByteBoundedCache(WINDOWS_CACHE_ENTRIES, WINDOWS_CACHE_BYTES)
+_SELECTED = ByteBoundedCache(SELECT_CACHE_ENTRIES, SELECT_CACHE_BYTES)
+
+
+def cache_stats() -> dict[str, dict[str, int]]:
+    """Entries, bytes and byte bound of the two snippet caches (for `parafill/status`)."""
+    return {"snippet_windows": _WINDOWS.stats(), "snippet_choices": _SELECTED.stats()}
+
+
 @dataclass(frozen=True)
 class _Window:
     start: int  # first line
@@ -54,9 +111,26 @@ class _Window:
     words: frozenset[str]
 
 
-@lru_cache(maxsize=64)
+def _text_key(text: str) -> tuple[int, int]:
+    return len(text), hash(text)
+
+
 def _windows(text: str, window_lines: int) -> tuple[tuple[str, ...], tuple[_Window, ...]]:
-    lines = tuple(normalize_line_endings(text[:MAX_DOCUMENT_CHARS]).split("\n"))
+    """The windows of `text` (at most its first MAX_DOCUMENT_CHARS characters), cached by that text."""
+    key = (*_text_key(text), window_lines)
+    found = _WINDOWS.get(key)
+    if found is None:
+        found = _scan_windows(text[:MAX_DOCUMENT_CHARS], window_lines)
+        lines, windows = found
+        # Its lines, and each window's set of identifiers (whose strings come to about the lines' size again).
+        line_bytes = sum(sys.getsizeof(line) for line in lines)
+        size = 2 * line_bytes + sum(sys.getsizeof(w.words) + 64 for w in windows)
+        _WINDOWS.put(key, found, size)
+    return found
+
+
+def _scan_windows(text: str, window_lines: int) -> tuple[tuple[str, ...], tuple[_Window, ...]]:
+    lines = tuple(normalize_line_endings(text).split("\n"))
     words = [identifiers(line[:MAX_LINE_CHARS]) for line in lines]
     stride = max(1, window_lines // 2)
     windows = []
@@ -96,11 +170,18 @@ def select_snippets(
     if not wanted:
         return ()
     documents = tuple(islice(((str(p), str(t)) for p, t in documents), MAX_DOCUMENTS))
-    return _select(wanted, documents, max_snippets, window_lines, min_similarity)
+    # Keystrokes on one line ask the same question again: answer from the cache.
+    key = (wanted, tuple((p, *_text_key(t)) for p, t in documents), max_snippets, window_lines, min_similarity)
+    found = _SELECTED.get(key)
+    if found is None:
+        found = _select(wanted, documents, max_snippets, window_lines, min_similarity)
+        size = (sys.getsizeof(wanted) + sum(sys.getsizeof(w) for w in wanted)
+                + sum(sys.getsizeof(p) + 64 for p, _ in documents)
+                + sum(sys.getsizeof(s.path) + sys.getsizeof(s.text) for s in found) + 256)
+        _SELECTED.put(key, found, size)
+    return found
 
 
-# Keystrokes on one line ask the same question again: answer from the cache.
-@lru_cache(maxsize=32)
 def _select(
     wanted: frozenset[str],
     documents: tuple[tuple[str, str], ...],

@@ -3,9 +3,11 @@
 `parafill serve` runs the language server over stdio (what editors start);
 `parafill complete FILE:LINE:COL` prints one suggestion and its timing through
 the same path the server uses (`lsp_server.suggest`); `parafill status` loads
-the model and prints what it is and where it runs. `train`, `eval`, `bench` and
-`corpus` hand their arguments to the module that does the work. Errors a user
-can hit (a bad model directory, a missing file) are one line and exit code 2.
+the model and prints what it is and where it runs. `train`, `eval`, `bench`,
+`corpus` and `model` hand their arguments to the module that does the work;
+`parafill model pull` is the only command that opens a network connection.
+Errors a user can hit (a bad model directory, a missing file) are one line and
+exit code 2.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 from lsp_server.logs import LEVELS, configure_logging
+from lsp_server.settings import check_setting
 
 EXIT_USAGE = 2
 
@@ -26,6 +29,8 @@ PASS_THROUGH = {
     "eval": ("tools.evaluate", "evaluate a model on fill-in-the-middle benchmarks"),
     "bench": ("tools.bench", "measure latency and throughput"),
     "corpus": ("training.corpus", "build the training corpus"),
+    "adapt": ("tools.adapt", "train a copy of the model on one repository's code (see `parafill adapt --help`)"),
+    "model": ("tools.models", "list, pull (download), inspect or remove open models by name"),
 }
 COMMANDS = ("serve", "complete", "status", *PASS_THROUGH)
 
@@ -40,8 +45,9 @@ def add_common_options(parser: argparse.ArgumentParser, *, suppress: bool) -> No
     def default(value):
         return argparse.SUPPRESS if suppress else value
 
-    parser.add_argument("--model", metavar="DIR", default=default(None),
-                        help="model directory (config.json, *.safetensors, tokenizer.json); "
+    parser.add_argument("--model", metavar="DIR|NAME", default=default(None),
+                        help="model directory (config.json, *.safetensors, tokenizer.json), or a model name "
+                             "(`parafill model list`, hf:ORG/NAME) already pulled; "
                              "default: the model shipped with parafill")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=default("auto"),
                         help="where the model runs (default: auto = cuda if available)")
@@ -49,6 +55,19 @@ def add_common_options(parser: argparse.ArgumentParser, *, suppress: bool) -> No
                         help="log verbosity (default: warning)")
     parser.add_argument("--log-file", metavar="PATH", default=default(None),
                         help="write logs here instead of stderr")
+
+
+def setting_value(key: str, kind: type):
+    """An argparse type: the option's text as `kind`, checked as the server checks setting `key`."""
+
+    def parse(text: str):
+        parsed, expected = check_setting(key, kind(text))  # ValueError: argparse says "invalid int value"
+        if expected is not None:
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
+        return parsed
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,11 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     complete.add_argument("location", metavar="FILE:LINE:COL",
                           help="cursor position, LINE and COL 1-based as editors show them")
     complete.add_argument("--language", default="", help="LSP language id (default: from the file name)")
-    complete.add_argument("--steps", type=int, default=None, help="most denoising steps (0 = as many as needed)")
-    complete.add_argument("--confidence-threshold", type=float, default=None,
+    complete.add_argument("--steps", type=setting_value("steps", int), default=None,
+                          help="most denoising steps (0 = as many as needed)")
+    complete.add_argument("--confidence-threshold", type=setting_value("confidenceThreshold", float), default=None,
                           help="commit every position at least this confident (0 < t <= 1)")
-    complete.add_argument("--min-confidence", type=float, default=None,
-                          help="hide suggestions the model is less sure of (0 shows all; default 0.3)")
+    complete.add_argument("--min-confidence", type=setting_value("minConfidence", float), default=None,
+                          help="hide suggestions the model is less sure of (0 shows all; default 0.5)")
+    complete.add_argument("--latency-budget-ms", type=setting_value("latencyBudgetMs", int), default=None,
+                          help="stop the model after this many ms and show what it has (0 = no budget; "
+                               "default: 1000 on a CPU, 500 on a GPU)")
     complete.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
     status = commands.add_parser("status", help="load the model and print what it is and where it runs")
@@ -99,18 +122,32 @@ def parse_location(location: str) -> tuple[Path, int, int]:
 
 
 def load_engine(model: str | None, device: str):
-    """The engine, or a UserError that says what is wrong with the model directory."""
-    if model is not None and not Path(model).expanduser().is_dir():
-        # Said before torch is imported, so a typo costs no wait.
-        what = "no such directory" if not Path(model).expanduser().exists() else "not a directory"
-        raise UserError(f"{model}: {what}; --model takes a model directory (config.json, *.safetensors, tokenizer.json)")
+    """The engine, or a UserError that says what is wrong with the model directory or name."""
+    if model is not None:
+        # Said before torch is imported, so a typo or a model not pulled yet costs no wait.
+        from denoiser.catalogue import ModelNameError, parse_model_name
+        from denoiser.hub_cache import ModelNotDownloaded, locate
+
+        try:
+            ref = parse_model_name(model)
+            if ref is not None:
+                locate(ref)  # the local cache only: a missing model names the pull command
+        except (ModelNameError, ModelNotDownloaded) as exc:
+            raise UserError(str(exc)) from None
+        if ref is None and not Path(model).expanduser().is_dir():
+            what = "no such directory" if not Path(model).expanduser().exists() else "not a directory"
+            raise UserError(f"{model}: {what}; --model takes a model directory (config.json, *.safetensors, "
+                            "tokenizer.json) or a model name (`parafill model list`)")
     from denoiser.backend import ModelLoadError
     from denoiser.engine import Engine
 
     try:
         return Engine.load(model, device=device)
     except ModelLoadError as exc:
-        raise UserError(str(exc).strip().splitlines()[0]) from None
+        reason = str(exc).strip().splitlines()[0]
+        if getattr(exc, "setting", None) == "device":
+            reason += "; use --device cpu or --device auto"
+        raise UserError(reason) from None
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"{model or 'default model'}: cannot load the model ({type(exc).__name__}: {exc})") from None
 
@@ -129,13 +166,19 @@ def run_complete(args: argparse.Namespace) -> int:
     from fim import LineIndex
     from fim.positions import index_to_utf16
     from lsp_server.settings import Settings, parse_settings
+    from lsp_server.source_file import UnreadableSource, read_source
     from lsp_server.suggest import suggest
 
     path, line_no, col_no = parse_location(args.location)
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        source = read_source(path)
     except OSError as exc:
         raise UserError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    except UnreadableSource as exc:
+        raise UserError(str(exc)) from None
+    if source.warning:
+        print(f"parafill: warning: {source.warning}", file=sys.stderr, flush=True)
+    text = source.text
     index = LineIndex.of(text)
     if line_no > index.line_count:
         raise UserError(f"{path}: line {line_no} is past the end (the file has {index.line_count} lines)")
@@ -151,16 +194,12 @@ def run_complete(args: argparse.Namespace) -> int:
         overrides["confidenceThreshold"] = args.confidence_threshold
     if args.min_confidence is not None:
         overrides["minConfidence"] = args.min_confidence
-    settings, problems = parse_settings(overrides, Settings())
-    if problems:
-        raise UserError(problems[0])
+    if args.latency_budget_ms is not None:
+        overrides["latencyBudgetMs"] = args.latency_budget_ms
+    settings, _ = parse_settings(overrides, Settings())  # no problems: argparse checked each value
 
     load_started = time.perf_counter()
     engine = load_engine(args.model, args.device)
-    if engine.backend.device.type == "cpu":
-        from denoiser.native_backend import configure_cpu_threads
-
-        configure_cpu_threads(leave_one_for_event_loop=False)  # one request, no event loop: every core
     load_ms = (time.perf_counter() - load_started) * 1000
     found = suggest(engine, text, line_no - 1, character, document=str(path.resolve()), path=str(path),
                     language_id=args.language, settings=settings)
@@ -174,16 +213,44 @@ def run_complete(args: argparse.Namespace) -> int:
             "span": found.request.span.mode, "position": {"line": line_no - 1, "character": character},
         }))
     else:
-        print(found.text if found.text is not None else "", flush=True)
-        shown = "" if found.text is not None else " (no suggestion)"
-        if found.text is None and found.raw.strip() and found.confidence is not None \
-                and found.confidence < settings.min_confidence:
-            shown = (f" (hidden: the model's confidence {found.confidence:.2f} is under minConfidence "
-                     f"{settings.min_confidence:g}; --min-confidence 0 shows it)")
-        print(f"parafill: {found.total_ms:.1f} ms total, model {found.model_ms:.1f} ms, {found.tokens} tokens, "
-              f"{found.steps} steps, cache source {found.source}, {found.request.span.mode} span, "
-              f"{engine.backend.name} on {device} (load {load_ms:.0f} ms){shown}", file=sys.stderr)
+        if found.text is not None:
+            print(found.text, flush=True)
+        print(f"parafill: {what_happened(found, settings)}; took {found.total_ms:.0f} ms, "
+              f"{found.model_ms:.0f} ms in the model ({plural(found.tokens, 'token')}, "
+              f"{plural(found.steps, 'denoising step')}; {engine.backend.name} on {device}, "
+              f"loaded in {load_ms:.0f} ms)", file=sys.stderr)
     return 0
+
+
+WHERE_FROM = {
+    "model": "from the model",
+    "completion_cache": "from the cache of earlier suggestions",
+    "typed_ahead": "the rest of the previous suggestion",
+}
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def what_happened(found, settings) -> str:
+    """The outcome of one `parafill complete`, in words."""
+    cut = getattr(found, "budget_cut", False)
+    late = "; the latency budget stopped the model early (--latency-budget-ms 0 lets it finish)" if cut else ""
+    if found.text is not None:
+        kind = "rest-of-line suggestion" if found.request.span.mode == "line" else "suggestion of whole lines"
+        sure = "" if found.confidence is None else f", confidence {found.confidence:.2f}"
+        return f"{kind} {WHERE_FROM.get(found.source, found.source)}{sure}{late}"
+    if found.dropped == "unsure":
+        return (f"no suggestion: the model was not sure enough (confidence {found.confidence:.2f} "
+                f"< minConfidence {settings.min_confidence:g}; --min-confidence 0 shows it){late}")
+    if found.dropped == "postprocess":
+        return ("no suggestion: what the model wrote added nothing here once tidied (it was blank, "
+                f"or repeated the text after the cursor; --json shows it as \"raw\"){late}")
+    if cut:
+        return ("no suggestion: the latency budget ran out before the model wrote anything "
+                "(--latency-budget-ms 0 lets it finish)")
+    return "no suggestion: the model wrote nothing here"
 
 
 def run_status(args: argparse.Namespace) -> int:

@@ -29,13 +29,17 @@ from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.json_rpc import JsonRPCRequestMessage
 from pygls.protocol.language_server import lsp_method
+from pygls.uris import to_fs_path
 from pygls.workspace import TextDocument, Workspace
 
 from fim import resolve_language
+from fim.languages import code_file_glob
+from fim.snippets import cache_stats as snippet_cache_stats
 from lsp_server.logs import UNPARSABLE, set_verbose
-from lsp_server.settings import Settings, parse_settings, to_wire
+from lsp_server.settings import Settings, latency_budget_ms, named_settings, parse_settings, to_wire
 from lsp_server.status import ServerStats, status_report
 from lsp_server.suggest import Placed, place_suggestion
+from lsp_server.workspace_drafts import WorkspaceDrafts
 from lsp_server.worker import ModelChoice, ModelWorker, Superseded, Supersession
 
 log = logging.getLogger(__name__)
@@ -43,6 +47,19 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 STATUS = "parafill/status"
 MAX_OTHER_DOCUMENTS = 16  # open documents offered to the snippet search
+# An explicit request that arrives while the model loads waits this long for it at most
+# (PARAFILL_LOAD_WAIT_S overrides it); an automatic one no longer than its debounce and budget.
+DEFAULT_LOAD_WAIT_S = 10.0
+
+
+def load_wait_s() -> float:
+    try:
+        return max(0.0, float(os.environ.get("PARAFILL_LOAD_WAIT_S", DEFAULT_LOAD_WAIT_S)))
+    except ValueError:
+        return DEFAULT_LOAD_WAIT_S
+
+
+LOAD_WAIT_S = load_wait_s()
 
 
 class _Rejected:
@@ -149,6 +166,19 @@ class ParafillProtocol(LanguageServerProtocol):
             return
         super().handle_message(message)
 
+    def _execute_handler(self, msg_id, handler, callback, args=None, kwargs=None):
+        # pygls 2.1.1 files the future of every handler that is not a plain function in
+        # `_request_futures` and takes it out again only when it answers a request: the
+        # future of each notification (didOpen, didChange, didClose run through pygls's
+        # own generator handlers) stayed there for good, and one that failed (an edit to a
+        # closed document) kept its traceback, frames and edit text with it.
+        def done(future):
+            if self._request_futures.get(msg_id) is future:
+                self._request_futures.pop(msg_id, None)
+            callback(future)
+
+        return super()._execute_handler(msg_id, handler, done, args, kwargs)
+
     @lsp_method(types.INITIALIZE)
     def lsp_initialize(self, params: types.InitializeParams):
         # fim counts positions in UTF-16 code units, the encoding every client
@@ -175,7 +205,13 @@ class ParafillServer(LanguageServer):
         super().__init__("parafill", VERSION, protocol_cls=ParafillProtocol,
                          text_document_sync_kind=types.TextDocumentSyncKind.Incremental)
         self.cli_model = model or ""
+        self.cli_device = device
         self.initial_settings = Settings(device=device)
+        # The settings the editor gave a value (the rest come from the command line or defaults).
+        self.editor_settings: frozenset[str] = frozenset()
+        self._initial_editor_settings: frozenset[str] = frozenset()
+        # Settings problems shown and still present in what the editor sends: not shown again.
+        self._shown_problems: set[str] = set()
         self.settings = self.initial_settings
         self.worker = ModelWorker()
         self.tickets = Supersession()
@@ -183,6 +219,8 @@ class ParafillServer(LanguageServer):
         self._tasks: set[asyncio.Task] = set()
         self._progress_tokens = 0
         self.pending_problems: list[str] = []  # settings problems found in initialize, shown after it
+        self.drafts = WorkspaceDrafts()  # your code, for drafts (read in the background)
+        self._watching_code_files = False  # the editor was asked to report code files changed on disk
 
     # --- settings and model -------------------------------------------------------
     def report_server_error(self, error: Exception, source: Any) -> None:
@@ -200,17 +238,45 @@ class ParafillServer(LanguageServer):
         """Take new settings (layered over the initialization options); returns the problems."""
         base = Settings(device=self.initial_settings.device) if initial else self.initial_settings
         settings, problems = parse_settings(raw, base)
+        named = named_settings(raw)
         if initial:
             self.initial_settings = settings
+            self._initial_editor_settings = named
+        self.editor_settings = self._initial_editor_settings | named
         self.settings = settings
         set_verbose(settings.verbose_logging)
+        self.drafts.set_enabled(settings.repo_drafts)
+        self.worker.threads = settings.threads  # for the next load; a loaded model: `change_settings`
         return problems
 
     def change_settings(self, raw: Any) -> None:
-        before = self.model_choice()
+        before, threads = self.model_choice(), self.settings.threads
         self.warn(self.apply_settings(raw))
+        if self.settings.repo_drafts and not self._watching_code_files:
+            self.spawn(self.watch_code_files())
         if self.model_choice() != before and self.worker.state != "idle":
             self.spawn(self.load_model())
+        elif self.settings.threads != threads:
+            self.spawn(self.worker.set_threads(self.settings.threads))
+
+    async def watch_code_files(self) -> None:
+        """With drafts on, ask the editor to report code files changed on disk (the index re-reads them),
+        if it lets a server register the watch."""
+        workspace = self.client_capabilities.workspace if self.client_capabilities else None
+        watched = workspace.did_change_watched_files if workspace else None
+        if not (watched and watched.dynamic_registration) or self._watching_code_files or not self.settings.repo_drafts:
+            return
+        self._watching_code_files = True
+        watcher = types.FileSystemWatcher(glob_pattern=code_file_glob())
+        registration = types.Registration(
+            id="parafill-code-files", method=types.WORKSPACE_DID_CHANGE_WATCHED_FILES,
+            register_options=types.DidChangeWatchedFilesRegistrationOptions(watchers=[watcher]))
+        try:
+            await asyncio.wait_for(self.client_register_capability_async(
+                types.RegistrationParams(registrations=[registration])), timeout=5)
+        except Exception as exc:  # the index still follows saves and open documents
+            self._watching_code_files = False
+            log.info("the editor did not watch code files for changes: %s", exc)
 
     async def pull_configuration(self) -> None:
         """`workspace/configuration` for clients that send a change without the values."""
@@ -227,10 +293,25 @@ class ParafillServer(LanguageServer):
         self.change_settings(reply[0] if reply else None)
 
     def warn(self, problems: list[str]) -> None:
-        for problem in problems:
+        """Show the settings problems the user has not seen yet. Clients send the same settings
+        more than once (Neovim sends its settings again in didChangeConfiguration right after
+        initialize), and a problem repeated is reported once; one that went away and came back is new."""
+        fresh = [problem for problem in problems if problem not in self._shown_problems]
+        self._shown_problems = set(problems)
+        for problem in fresh:
             log.warning("%s", problem)
-        if problems:
-            self.window_show_message(types.ShowMessageParams(type=types.MessageType.Warning, message="\n".join(problems)))
+        if fresh:
+            self.window_show_message(types.ShowMessageParams(type=types.MessageType.Warning, message="\n".join(fresh)))
+
+    def explain_load_error(self, exc: Exception) -> str:
+        """Why the model did not load, and the fix in the editor's terms (an editor setting, not a flag)."""
+        lines = str(exc).strip().splitlines()
+        reason = (lines[0] if lines else "") or type(exc).__name__
+        if getattr(exc, "setting", None) == "device":
+            came_from = "" if "device" in self.editor_settings else \
+                f" (it overrides the --device {self.cli_device} the server was started with)"
+            reason += f'; set parafill\'s `device` setting to "cpu" or "auto"{came_from}'
+        return reason
 
     def spawn(self, coroutine) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -240,7 +321,7 @@ class ParafillServer(LanguageServer):
     async def load_model(self) -> None:
         choice = self.model_choice()
         report = await self._progress_begin(f"parafill: loading {choice.model or 'the default model'}")
-        await self.worker.load(choice, report)
+        await self.worker.load(choice, report, explain=self.explain_load_error)
         if self.worker.state == "error":
             self.window_show_message(types.ShowMessageParams(
                 type=types.MessageType.Error, message=f"parafill: the model did not load: {self.worker.message}"))
@@ -283,20 +364,37 @@ class ParafillServer(LanguageServer):
         language_id = (document.language_id or "").lower()
         return language_id in enabled or resolve_language(language_id, document.uri) in enabled
 
+    def latency_budget_ms(self) -> int:
+        """The latency budget of a completion on the model's device (0 = none)."""
+        engine = self.worker.engine
+        device = str(engine.backend.device) if engine is not None else self.model_choice().device
+        return latency_budget_ms(self.settings, device)
+
     async def suggest_at(self, uri: str, position: types.Position, *, kind: str, debounce_ms: int,
-                         selected: tuple | None = None) -> Placed | None:
+                         selected: tuple | None = None, invoked: bool = False) -> Placed | None:
+        arrived = time.monotonic()
         self.stats.count(kind)
-        ticket = self.tickets.begin(uri, kind)  # supersedes older work of this kind here
         document = self.open_document(uri)
+        # Supersedes older work of this kind here; a document that is not open has none, and
+        # gets no entry (one per URI ever asked about would pile up).
+        ticket = self.tickets.begin(uri, kind) if document is not None else None
+        if not self.worker.ready and document is not None:
+            # A model still loading (its $/progress is on screen): an explicit request waits
+            # for it, an automatic one only within the time its debounce and budget allow.
+            bound = LOAD_WAIT_S if invoked else (debounce_ms + self.latency_budget_ms()) / 1000
+            if await self.worker.wait_ready(bound):
+                self.stats.count("waitedForModel")
         if not self.worker.ready:
             self.stats.count("notReady")
             return None
         if document is None or not self.language_enabled(document):
             self.stats.count("empty")
             return None
+        # An automatic request's budget starts when its debounce ends, whatever it waited for.
+        budget_started = None if invoked else arrived + debounce_ms / 1000
         try:
-            if debounce_ms:
-                await asyncio.sleep(debounce_ms / 1000)
+            if debounce_ms and budget_started > time.monotonic():
+                await asyncio.sleep(budget_started - time.monotonic())
             started = time.perf_counter()
             if ticket.is_cancelled():
                 raise Superseded("superseded while debouncing")
@@ -305,6 +403,8 @@ class ParafillServer(LanguageServer):
                 ticket, place_suggestion, document.source, position.line, position.character,
                 selected=selected, document=uri, path=uri, language_id=document.language_id or "",
                 settings=self.settings, other_documents=others[:MAX_OTHER_DOCUMENTS],
+                drafts=self.drafts.index if self.settings.repo_drafts else None,
+                budget_started=budget_started, adapted_for=self.adapted_candidate(uri),
             )
         except Superseded:
             self.stats.count("superseded")
@@ -323,6 +423,13 @@ class ParafillServer(LanguageServer):
         self.stats.answered((time.perf_counter() - started) * 1000)
         return placed
 
+    def adapted_candidate(self, uri: str) -> str | None:
+        """The document's file path when a model adapted to its repository may answer: only
+        when neither the command line nor the settings named a model (a named model wins)."""
+        if self.model_choice().model or not uri.startswith("file:"):
+            return None
+        return to_fs_path(uri)
+
     def _log_suggestion(self, kind: str, uri: str, position: types.Position, placed: Placed, ms: float) -> None:
         found = placed.suggestion
         confidence = "-" if found.confidence is None else f"{found.confidence:.2f}"
@@ -335,7 +442,7 @@ class ParafillServer(LanguageServer):
     def status(self) -> dict:
         engine = self.worker.engine
         choice = self.worker.choice or self.model_choice()
-        return status_report(
+        report = status_report(
             state=self.worker.state if self.worker.state != "idle" else "loading",
             message=self.worker.message,
             model=choice.model,
@@ -343,7 +450,24 @@ class ParafillServer(LanguageServer):
             stats=self.stats,
             engine_status=engine.status() if engine is not None else None,
             settings=to_wire(self.settings),
+            drafts_index=self.drafts.stats(),
+            caches={**snippet_cache_stats(), "drafts_index": {
+                "entries": len(self.drafts.index), "bytes": self.drafts.index.bytes,
+                "max_bytes": self.drafts.index.max_bytes}},
+            open_documents=self.open_documents_size(),
         )
+        # Which model answered last (a repository's adapted copy, or the loaded model), and
+        # the adapted copies loaded so far (`parafill adapt`).
+        report["answeredBy"] = self.worker.last_model
+        report["adaptedModels"] = self.worker.adapted_models()
+        return report
+
+    def open_documents_size(self) -> dict[str, int]:
+        try:
+            documents = list(self.workspace.text_documents.values())
+        except RuntimeError:  # not initialized
+            documents = []
+        return {"count": len(documents), "bytes": sum(sys.getsizeof(d.source) for d in documents)}
 
 
 def _range(placed: Placed) -> types.Range:
@@ -364,11 +488,16 @@ def create_server(model: str | None = None, device: str = "auto") -> ParafillSer
     @ls.feature(types.INITIALIZE)
     def initialize(ls: ParafillServer, params: types.InitializeParams) -> None:
         ls.pending_problems = ls.apply_settings(params.initialization_options, initial=True)
+        folders = [f.uri for f in params.workspace_folders or ()] or ([params.root_uri] if params.root_uri else [])
+        for uri in folders:
+            ls.drafts.add_folder(uri)  # read in the background
 
     @ls.feature(types.INITIALIZED)
     def initialized(ls: ParafillServer, params: types.InitializedParams) -> None:
         ls.warn(ls.pending_problems)
+        ls.worker.load_asked()  # requests from now on wait for the model instead of getting nothing
         ls.spawn(ls.load_model())
+        ls.spawn(ls.watch_code_files())
 
     @ls.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
     def did_change_configuration(ls: ParafillServer, params: types.DidChangeConfigurationParams) -> None:
@@ -381,6 +510,25 @@ def create_server(model: str | None = None, device: str = "auto") -> ParafillSer
     @ls.feature(types.TEXT_DOCUMENT_DID_OPEN)
     def did_open(ls: ParafillServer, params: types.DidOpenTextDocumentParams) -> None:
         ls.tickets.edited(params.text_document.uri)
+        ls.drafts.opened(params.text_document.uri, params.text_document.text)
+
+    @ls.feature(types.TEXT_DOCUMENT_DID_SAVE)
+    def did_save(ls: ParafillServer, params: types.DidSaveTextDocumentParams) -> None:
+        document = ls.open_document(params.text_document.uri)
+        if document is not None:
+            ls.drafts.opened(params.text_document.uri, document.source)
+
+    @ls.feature(types.WORKSPACE_DID_CHANGE_WATCHED_FILES)
+    def did_change_watched_files(ls: ParafillServer, params: types.DidChangeWatchedFilesParams) -> None:
+        for change in params.changes:
+            ls.drafts.file_changed(change.uri, deleted=change.type == types.FileChangeType.Deleted)
+
+    @ls.feature(types.WORKSPACE_DID_CHANGE_WORKSPACE_FOLDERS)
+    def did_change_workspace_folders(ls: ParafillServer, params: types.DidChangeWorkspaceFoldersParams) -> None:
+        for folder in params.event.removed:
+            ls.drafts.remove_folder(folder.uri)
+        for folder in params.event.added:
+            ls.drafts.add_folder(folder.uri)
 
     @ls.feature(types.TEXT_DOCUMENT_DID_CHANGE)
     def did_change(ls: ParafillServer, params: types.DidChangeTextDocumentParams) -> None:
@@ -390,6 +538,7 @@ def create_server(model: str | None = None, device: str = "auto") -> ParafillSer
     def did_close(ls: ParafillServer, params: types.DidCloseTextDocumentParams) -> None:
         uri = params.text_document.uri
         ls.tickets.closed(uri)
+        ls.drafts.closed(uri)
         if ls.worker.ready:
             ls.spawn(ls.worker.call(ls.worker.engine.forget, uri))
 
@@ -402,7 +551,8 @@ def create_server(model: str | None = None, device: str = "auto") -> ParafillSer
             selected = ((info.range.start.line, info.range.start.character),
                         (info.range.end.line, info.range.end.character), info.text)
         placed = await ls.suggest_at(params.text_document.uri, params.position, kind="inline",
-                                     debounce_ms=ls.settings.debounce_ms if automatic else 0, selected=selected)
+                                     debounce_ms=ls.settings.debounce_ms if automatic else 0, selected=selected,
+                                     invoked=not automatic)
         if placed is None:
             return types.InlineCompletionList(items=[])
         return types.InlineCompletionList(items=[types.InlineCompletionItem(insert_text=placed.insert_text, range=_range(placed))])
@@ -411,7 +561,7 @@ def create_server(model: str | None = None, device: str = "auto") -> ParafillSer
     async def completion(ls: ParafillServer, params: types.CompletionParams) -> types.CompletionList:
         invoked = params.context is None or params.context.trigger_kind == types.CompletionTriggerKind.Invoked
         placed = await ls.suggest_at(params.text_document.uri, params.position, kind="completion",
-                                     debounce_ms=0 if invoked else ls.settings.debounce_ms)
+                                     debounce_ms=0 if invoked else ls.settings.debounce_ms, invoked=invoked)
         if placed is None:
             return types.CompletionList(is_incomplete=True, items=[])
         text = placed.insert_text
@@ -433,6 +583,7 @@ def create_server(model: str | None = None, device: str = "auto") -> ParafillSer
 
     @ls.feature(types.SHUTDOWN)
     def shutdown(ls: ParafillServer, params: Any) -> None:
+        ls.drafts.close()
         for uri in list(ls.tickets.edits):
             ls.tickets.closed(uri)
         ls.worker.shutdown()

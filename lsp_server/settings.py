@@ -14,22 +14,39 @@ from typing import Any
 
 SECTION = "parafill"
 DEVICES = ("auto", "cpu", "cuda")
+# latencyBudgetMs when unset, per kind of device: room for the 8 steps of a 32-token span and
+# its context pass with the default model on a laptop CPU, and for a bigger model on a GPU; a
+# slower machine gets a shorter suggestion instead of a late one. Others count as "cpu".
+DEFAULT_LATENCY_BUDGET_MS = {"cpu": 1000, "cuda": 500}
 
 
 @dataclass(frozen=True)
 class Settings:
-    model: str = ""  # a model directory; "" = the one given on the command line, else the embedded default
+    model: str = ""  # a model directory or pulled name; "" = the command line's, else the embedded default
     device: str = "auto"  # auto | cpu | cuda
     context_tokens: int = 1024  # preamble + prefix + suffix the model sees
     span_tokens_line: int = 32  # longest suggestion that finishes the cursor line
     span_tokens_block: int = 64  # longest suggestion of whole lines
     steps: int = 8  # most denoising steps per span (at least span/8 tokens each); 0 = as many as it needs
     confidence_threshold: float = 0.9  # commit every position at least this confident
-    min_confidence: float = 0.3  # show only suggestions the model is at least this sure of (0 = all)
+    min_confidence: float = 0.5  # show only suggestions the model is at least this sure of (0 = all)
     debounce_ms: int = 75  # wait this long after a keystroke before automatic requests run
+    # Stop denoising after this many ms and show what is decoded so far (0 = no budget;
+    # None = the device's default, DEFAULT_LATENCY_BUDGET_MS).
+    latency_budget_ms: int | None = None
+    threads: int = 0  # torch CPU threads for completions; 0 = automatic (half the cores, at most 8)
     enabled_languages: tuple[str, ...] = field(default=())  # language ids; empty = all
     max_snippets: int = 2  # regions of other open documents shown to the model
+    repo_drafts: bool = True  # offer the model drafts from your own code (open documents and workspace files)
     verbose_logging: bool = False  # log source text and suggestions (off: never)
+
+
+def latency_budget_ms(settings: Settings, device: str) -> int:
+    """The budget a completion gets on `device` ("cpu", "cuda:0", ...; 0 = none)."""
+    if settings.latency_budget_ms is not None:
+        return settings.latency_budget_ms
+    kind = device.split(":")[0]
+    return DEFAULT_LATENCY_BUDGET_MS.get(kind, DEFAULT_LATENCY_BUDGET_MS["cpu"])
 
 
 def camel(name: str) -> str:
@@ -69,7 +86,7 @@ def _unit(value: Any) -> tuple[Any, str | None]:
 
 def _text(value: Any) -> tuple[Any, str | None]:
     if not isinstance(value, str) or "\x00" in value:
-        return None, "a string (a model directory path, or \"\" for the default)"
+        return None, "a string (a model directory or name such as \"dream-coder-7b\", or \"\" for the default)"
     return value, None
 
 
@@ -101,8 +118,11 @@ _CHECKS = {
     "confidence_threshold": _fraction,
     "min_confidence": _unit,
     "debounce_ms": _whole(0, 10_000),
+    "latency_budget_ms": _whole(0, 60_000),
+    "threads": _whole(0, 1024),
     "enabled_languages": _languages,
     "max_snippets": _whole(0, 16),
+    "repo_drafts": _flag,
     "verbose_logging": _flag,
 }
 
@@ -143,6 +163,20 @@ def parse_settings(raw: Any, base: Settings = Settings()) -> tuple[Settings, lis
             continue
         changes[name] = parsed
     return replace(base, **changes), problems
+
+
+def check_setting(key: str, value: Any) -> tuple[Any, str | None]:
+    """One value for the camelCase setting `key`: (parsed, None), or (None, what it must be)."""
+    return _CHECKS[WIRE_NAMES[key]](value)
+
+
+def named_settings(raw: Any) -> frozenset[str]:
+    """The settings (snake_case) to which `raw` gives a usable value (null: the default)."""
+    raw = unwrap(raw)
+    if not isinstance(raw, dict):
+        return frozenset()
+    return frozenset(WIRE_NAMES[key] for key, value in raw.items()
+                     if key in WIRE_NAMES and (value is None or check_setting(key, value)[1] is None))
 
 
 def to_wire_value(value: Any) -> Any:

@@ -11,7 +11,9 @@ import time
 from collections import Counter, deque
 from typing import Any
 
-COUNTS = ("inline", "completion", "answered", "empty", "superseded", "cancelled", "notReady", "errors")
+# waitedForModel: requests that arrived while the model loaded and were answered by it.
+COUNTS = ("inline", "completion", "answered", "empty", "superseded", "cancelled", "notReady", "waitedForModel",
+          "errors")
 
 
 def percentiles(values, points=(50, 90, 99)) -> dict[str, float | None]:
@@ -47,9 +49,14 @@ def _camel_keys(data: dict[str, Any]) -> dict[str, Any]:
 
 def status_report(
     *, state: str, message: str, model: str, device: str, stats: ServerStats, engine_status: dict | None,
-    settings: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None, drafts_index: dict[str, Any] | None = None,
+    caches: dict[str, dict[str, int]] | None = None, open_documents: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The `parafill/status` result (camelCase, JSON-ready)."""
+    """The `parafill/status` result (camelCase, JSON-ready).
+
+    `caches` are the server's own caches (name -> entries, bytes, max_bytes), shown
+    beside the engine's under "caches".
+    """
     engine = engine_status or {}
     hit_rates = _camel_keys(engine.get("hit_rates") or {})
     report: dict[str, Any] = {
@@ -70,10 +77,21 @@ def status_report(
             "cancelled": engine.get("cancelled", 0),
             "errors": engine.get("errors", 0),
             "fallbacks": engine.get("fallbacks", 0),
+            # Answers the latency budget stopped early (a hole-free start of the model's answer).
+            "budgetCuts": engine.get("budget_cuts", 0),
+            "threads": engine.get("threads"),
             "lastError": engine.get("last_error"),
             # Shared denoising steps (a batching backend only): how concurrent requests met.
             "batching": _camel_keys(engine.get("batching") or {}),
         },
+        # Drafts from your code: how the model judged them, and what the index holds.
+        "drafts": {**(engine.get("drafts") or {"proposed": 0, "accepted": 0, "repaired": 0, "rejected": 0}),
+                   "index": drafts_index or {}},
+        "stepsPerRequest": engine.get("steps_per_request"),
+        # What each cache holds and may hold, in bytes; and the open documents' text.
+        "caches": {name: _camel_keys(figures)
+                   for name, figures in _camel_keys({**(engine.get("caches") or {}), **(caches or {})}).items()},
+        "openDocuments": open_documents or {"count": 0, "bytes": 0},
         "uptimeS": round(time.monotonic() - stats.started, 1),
         "settings": settings or {},
     }

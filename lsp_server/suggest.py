@@ -8,11 +8,13 @@ no tensors, and it never changes a document.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
 from fim import ContextOptions, FimRequest, LineIndex, build_request, postprocess
-from lsp_server.settings import Settings
+from fim.drafts import DraftIndex
+from fim.positions import normalize_line_endings
+from lsp_server.settings import Settings, latency_budget_ms
 
 Position = tuple[int, int]  # LSP (line, UTF-16 character)
 
@@ -30,21 +32,41 @@ class Suggestion:
     model_ms: float  # time inside the engine
     total_ms: float  # build_request + engine + postprocess
     confidence: float | None = None  # the model's own certainty (engine Completion.confidence)
+    # Why `text` is None: "empty" (the model wrote nothing), "postprocess" (nothing was
+    # left after post-processing), "unsure" (confidence under minConfidence).
+    dropped: str | None = None
+    # How the model judged the draft from the user's code: "accepted", "repaired", "rejected"; None: no draft.
+    draft: str | None = None
+    budget_cut: bool = False  # the latency budget stopped the model: `raw` is the start of its answer
 
 
-def context_options(settings: Settings) -> ContextOptions:
+def context_options(settings: Settings, model_context: int | None = None) -> ContextOptions:
+    """The window options for a request; `model_context` is the most context tokens the model keeps.
+
+    Windows are planned for what the model really sees: a window planned for more
+    would be cut again token by token, at a place that moves with every keystroke.
+    """
     return ContextOptions(
-        context_tokens=settings.context_tokens,
+        context_tokens=min(settings.context_tokens, model_context or settings.context_tokens),
         max_span_tokens_line=settings.span_tokens_line,
         max_span_tokens_block=settings.span_tokens_block,
         max_snippets=settings.max_snippets,
     )
 
 
-def decode_settings(settings: Settings):
+def engine_device(engine: Any) -> str:
+    """The device the engine's model runs on ("cpu", "cuda:0"; "cpu" when it does not say)."""
+    return str(getattr(getattr(engine, "backend", None), "device", "cpu"))
+
+
+def decode_settings(settings: Settings, device: str = "cpu", budget_started: float | None = None):
+    """How the span is denoised; the latency budget counts from `budget_started` (time.monotonic(), default now)."""
     from denoiser.backend import DecodeSettings  # the worker thread has torch loaded already
 
-    return DecodeSettings(steps=settings.steps, confidence_threshold=settings.confidence_threshold)
+    budget_ms = latency_budget_ms(settings, device)
+    started = time.monotonic() if budget_started is None else budget_started
+    return DecodeSettings(steps=settings.steps, confidence_threshold=settings.confidence_threshold,
+                          deadline=started + budget_ms / 1000 if budget_ms else None)
 
 
 def suggest(
@@ -59,27 +81,42 @@ def suggest(
     settings: Settings = Settings(),
     other_documents: Iterable[tuple[str, str]] = (),
     is_cancelled: Callable[[], bool] = lambda: False,
+    drafts: DraftIndex | None = None,
+    budget_started: float | None = None,
 ) -> Suggestion:
     """The suggestion at LSP position (line, character) of `text` (clamped into it).
 
     `document` keys the engine's per-document caches (the URI in the server).
+    `drafts`: the index of the user's code; with `settings.repo_drafts` the best
+    draft it holds rides along with the request, for the model to check.
+    The latency budget (`settings.latency_budget_ms`) counts from `budget_started`
+    (a `time.monotonic()` instant; default: now): past it, the model stops between
+    steps and the suggestion is what it decoded so far, gated like any other.
     Raises the engine's `Cancelled` when `is_cancelled` turns true.
     """
     started = time.perf_counter()
+    budget_started = time.monotonic() if budget_started is None else budget_started
     request = build_request(
         text,
         line,
         character,
         path=path,
         language_id=language_id,
-        options=context_options(settings),
+        options=context_options(settings, getattr(engine, "max_context_tokens", None)),
         other_documents=other_documents,
         count_tokens=getattr(engine, "count_tokens", None),
     )
-    completion = engine.complete(request, decode_settings(settings), document=document, is_cancelled=is_cancelled)
+    if drafts is not None and settings.repo_drafts:
+        request = with_draft(request, drafts, text, line, character, document)
+    decode = decode_settings(settings, engine_device(engine), budget_started)
+    completion = engine.complete(request, decode, document=document, is_cancelled=is_cancelled)
     final = postprocess(completion.text, request)
-    if final is not None and completion.confidence is not None and completion.confidence < settings.min_confidence:
+    dropped = None
+    if final is None:
+        dropped = "postprocess" if completion.text.strip() else "empty"
+    elif completion.confidence is not None and completion.confidence < settings.min_confidence:
         final = None  # the model itself doubts it: showing it would only teach the user to ignore suggestions
+        dropped = "unsure"
     return Suggestion(
         text=final,
         raw=completion.text,
@@ -90,7 +127,19 @@ def suggest(
         model_ms=completion.elapsed_ms,
         total_ms=(time.perf_counter() - started) * 1000,
         confidence=completion.confidence,
+        dropped=dropped,
+        draft=getattr(completion, "draft", None),
+        budget_cut=getattr(completion, "budget_cut", False),
     )
+
+
+def with_draft(request: FimRequest, drafts: DraftIndex, text: str, line: int, character: int,
+               document: str) -> FimRequest:
+    """`request` with the index's best draft at the cursor (the document's own text indexed first)."""
+    text = normalize_line_endings(text)  # the index and the request read "\n" line ends
+    drafts.update(document, text, pinned=True)
+    found = drafts.draft(document, text, LineIndex.of(text).offset_at(line, character), request.span.mode)
+    return replace(request, draft=found.text) if found is not None else request
 
 
 def clamp_position(index: LineIndex, line: int, character: int) -> Position:

@@ -14,10 +14,12 @@ LSP messages or tensors.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 log = logging.getLogger(__name__)
@@ -75,23 +77,30 @@ class Ticket:
 class Supersession:
     """Generation counters: an edit to a document supersedes all its work; a new
     request of one kind supersedes older requests of that kind on that document
-    (inline and menu completions run side by side in some editors)."""
+    (inline and menu completions run side by side in some editors).
+
+    Every mark is a fresh number from one counter, so closing a document can drop
+    its entries (a ticket then sees 0, which no mark ever is) and a document
+    reopened under the same URI never repeats a number an old ticket holds.
+    """
 
     def __init__(self) -> None:
         self.edits: dict[str, int] = {}
         self.requests: dict[tuple[str, str], int] = {}
+        self._marks = itertools.count(1)
 
     def edited(self, uri: str) -> None:
-        self.edits[uri] = self.edits.get(uri, 0) + 1
+        self.edits[uri] = next(self._marks)
 
     def begin(self, uri: str, kind: str) -> Ticket:
-        self.requests[(uri, kind)] = self.requests.get((uri, kind), 0) + 1
+        self.requests[(uri, kind)] = next(self._marks)
         return Ticket(self, uri, kind)
 
     def closed(self, uri: str) -> None:
-        self.edited(uri)
+        """Supersede the document's work and forget it (nothing is kept per closed document)."""
+        self.edits.pop(uri, None)
         for key in [k for k in self.requests if k[0] == uri]:
-            self.requests[key] += 1
+            del self.requests[key]
 
 
 @dataclass(frozen=True)
@@ -132,20 +141,67 @@ class ModelWorker:
         # them, so the old model is freed before the new one loads (two 7B models rarely
         # fit). Keyed by the thread's own future: it outlives a request the client cancelled.
         self._running: dict[Future, Ticket] = {}
+        # Models adapted to a repository (`parafill adapt`), loaded on first use for a
+        # document under that repository; dropped on every reload.
+        self._adapted: dict[str, Any] = {}
+        self._adapted_lock = threading.Lock()
+        self.last_model = ""  # which model answered the last completion
+        # Set (and replaced) whenever a load ends, ready or not: requests waiting for the model wake.
+        self._load_ended = asyncio.Event()
+        self.threads = 0  # the `threads` setting the engine runs with (0 = automatic)
 
     @property
     def ready(self) -> bool:
         return self.state == "ready" and self.engine is not None
 
-    async def load(self, choice: ModelChoice, progress: Callable[[str, int], None]) -> None:
+    def load_asked(self) -> None:
+        """A load is on its way (the client is initialized): requests may wait for it."""
+        if self.state == "idle":
+            self.state = "loading"
+            self.message = "the model is loading"
+
+    async def wait_ready(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for a load in progress; True if the model is ready.
+
+        Returns at once when no load is in progress (before the client is
+        initialized, or after a load failed).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not self.ready and self.state == "loading":
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._load_ended.wait(), left)
+            except asyncio.TimeoutError:
+                break
+        return self.ready
+
+    def _end_load(self) -> None:
+        ended, self._load_ended = self._load_ended, asyncio.Event()
+        ended.set()
+
+    async def set_threads(self, threads: int) -> None:
+        """The `threads` setting (0 = automatic), applied now and kept for later loads."""
+        self.threads = threads
+        engine = self.engine
+        if engine is not None:
+            await self.call(engine.set_threads, threads)
+
+    async def load(self, choice: ModelChoice, progress: Callable[[str, int], None],
+                   explain: Callable[[Exception], str] | None = None) -> None:
         """Load `choice` on the model thread; `progress` is called on the event loop.
 
-        Never raises: a failure leaves state "error" and its reason in `message`.
+        Never raises: a failure leaves state "error" and its reason in `message`,
+        as `explain` words it (default: the exception's first line).
         """
         self._loads += 1
         load_id = self._loads
         self.choice = choice
         self.engine = None
+        with self._adapted_lock:
+            self._adapted.clear()
         self.state = "loading"
         self.message = f"loading {choice.model or 'the default model'} on {choice.device}"
         loop = asyncio.get_running_loop()
@@ -159,27 +215,34 @@ class ModelWorker:
                 return None  # a newer load was asked for while this one waited: skip the work
             from denoiser.engine import Engine  # imports torch: on this thread, never on the loop
 
-            return Engine.load(choice.model or None, device=choice.device, progress=report)
+            engine = Engine.load(choice.model or None, device=choice.device, progress=report)
+            engine.set_threads(self.threads)
+            return engine
 
         try:
             engine = await self._submit(job)
         except Exception as exc:  # ModelLoadError and anything a broken model directory causes
+            reason = (explain or _one_line)(exc)
             if load_id == self._loads:
                 self.state = "error"
-                self.message = _one_line(exc)
-            log.error("model failed to load: %s", _one_line(exc))
+                self.message = reason
+                self._end_load()
+            log.error("model failed to load: %s", reason)
             return
         if load_id == self._loads and engine is not None:  # a newer load started meanwhile: it wins
             self.engine = engine
             self.state = "ready"
             self.message = f"{engine.backend.name} ready on {engine.backend.device}"
+            self._end_load()
 
-    async def run(self, ticket: Ticket, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    async def run(self, ticket: Ticket, fn: Callable[..., Any], *args: Any, adapted_for: str | None = None,
+                  **kwargs: Any) -> Any:
         """`fn(engine, *args, is_cancelled=ticket.is_cancelled, **kwargs)` on the model thread.
 
-        Raises `Superseded` if the ticket is off before or while it runs; if the
-        awaiting task is cancelled ($/cancelRequest), the ticket goes off too so
-        the denoiser stops at its next step.
+        `adapted_for`: the file path of the document, when a model adapted to its
+        repository may answer instead of the loaded one. Raises `Superseded` if the
+        ticket is off before or while it runs; if the awaiting task is cancelled
+        ($/cancelRequest), the ticket goes off too so the denoiser stops at its next step.
         """
         engine = self.engine
 
@@ -188,12 +251,43 @@ class ModelWorker:
                 raise Superseded("superseded before it started")
             from denoiser.backend import Cancelled
 
+            chosen = (self._adapted_engine(adapted_for) if adapted_for else None) or engine
+            self.last_model = getattr(chosen.backend, "name", "") if chosen is not None else ""
             try:
-                return fn(engine, *args, is_cancelled=ticket.is_cancelled, **kwargs)
+                return fn(chosen, *args, is_cancelled=ticket.is_cancelled, **kwargs)
             except Cancelled as exc:
                 raise Superseded(str(exc)) from exc
 
         return await self._submit(job, on_cancel=ticket.cancel, pool="fills", ticket=ticket)
+
+    def _adapted_engine(self, path: str) -> Any:
+        """The engine of the model adapted to `path`'s repository, loaded on first use; None if there is none.
+
+        Runs on a completion thread. A model that fails to load is not tried again
+        until the next reload; the loaded model answers meanwhile.
+        """
+        from denoiser.adapted import adapted_for
+
+        found = adapted_for(Path(path))
+        if found is None or self.choice is None:
+            return None
+        key = str(found[1])
+        with self._adapted_lock:
+            if key not in self._adapted:
+                from denoiser.engine import Engine
+
+                try:
+                    self._adapted[key] = Engine.load(key, device=self.choice.device)
+                except Exception as exc:  # a broken or half-removed copy: the base model answers
+                    log.warning("the model adapted to %s did not load: %s", found[0], _one_line(exc))
+                    self._adapted[key] = None
+            return self._adapted[key]
+
+    def adapted_models(self) -> list[dict[str, str]]:
+        """Adapted models loaded so far: their directory and name (None: it failed to load)."""
+        with self._adapted_lock:
+            return [{"directory": key, "name": engine.backend.name if engine is not None else None}
+                    for key, engine in self._adapted.items()]
 
     def _forget_running(self, loop: asyncio.AbstractEventLoop, future: Future) -> None:
         try:  # any thread: the bookkeeping itself belongs to the event loop

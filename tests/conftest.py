@@ -33,8 +33,9 @@ PARAFILL_ENV = {
 }
 # Short spans and few steps: random weights write junk anyway, and CI has 2 cores.
 # minConfidence 0: the tiny random model is never sure, and these tests need its items.
+# latencyBudgetMs 0: a busy CI machine must not turn a whole answer into a cut one.
 FAST_SETTINGS = {"spanTokensLine": 8, "spanTokensBlock": 8, "steps": 4, "debounceMs": 0, "contextTokens": 256,
-                 "minConfidence": 0}
+                 "minConfidence": 0, "latencyBudgetMs": 0}
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Corpus shards: small enough to send to a GPU machine, and together exactly the train split."""
+"""Corpus shards: each at most the size asked for, and together exactly the train split."""
 import gzip
 import json
 import random

@@ -291,20 +291,21 @@ def test_releasing_device_memory_waits_for_a_prefill_in_progress(model_dir):
     assert released.is_set() and "a" not in native.context_cache
 
 
-def test_cpu_threads_leave_a_core_for_the_event_loop_unless_told(monkeypatch):
-    from denoiser.native_backend import configure_cpu_threads
+def test_cpu_threads_take_half_the_cores_unless_told(monkeypatch):
+    from denoiser.native_backend import configure_cpu_threads, cpu_threads_for
 
+    assert [cpu_threads_for(n) for n in (1, 2, 3, 4, 8, 16, 64)] == [1, 1, 1, 2, 4, 8, 8]
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 4)
     try:
         configure_cpu_threads()
+        assert torch.get_num_threads() == 2
+        configure_cpu_threads(3)  # the threads setting
         assert torch.get_num_threads() == 3
-        configure_cpu_threads(leave_one_for_event_loop=False)
-        assert torch.get_num_threads() == 4
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
-        configure_cpu_threads(leave_one_for_event_loop=False)  # the user's choice stands
-        assert torch.get_num_threads() == 4
+        configure_cpu_threads()  # the user's environment stands over the automatic choice
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
 
@@ -316,11 +317,11 @@ def test_suggestions_the_model_doubts_are_not_shown(model_dir):
     engine = Engine(NativeBackend(model_dir, "cpu"))
     text = PREFIX + "\n" + SUFFIX
     line, character = 1, len("    return")
-    shown = suggest(engine, text, line, character, document="a", settings=Settings(steps=4, min_confidence=0.0))
+    shown = suggest(engine, text, line, character, document="a", settings=Settings(steps=4, latency_budget_ms=0, min_confidence=0.0))
     assert shown.confidence is not None and 0 < shown.confidence < 1  # random weights: unsure
     assert shown.text is not None, "the tiny model writes something here, or the check below proves little"
     doubted = suggest(engine, text, line, character, document="b",
-                      settings=Settings(steps=4, min_confidence=min(1.0, shown.confidence * 1.5)))
+                      settings=Settings(steps=4, latency_budget_ms=0, min_confidence=min(1.0, shown.confidence * 1.5)))
     assert doubted.text is None and doubted.raw == shown.raw and doubted.confidence == pytest.approx(shown.confidence)
 
 
@@ -331,10 +332,10 @@ def test_typed_ahead_keeps_the_confidence_of_the_fill_it_continues(model_dir):
     engine = Engine(NativeBackend(model_dir, "cpu"))
     text = PREFIX + "\n" + SUFFIX
     line, character = 1, len("    return")
-    first = suggest(engine, text, line, character, document="a", settings=Settings(steps=4, min_confidence=0.0))
+    first = suggest(engine, text, line, character, document="a", settings=Settings(steps=4, latency_budget_ms=0, min_confidence=0.0))
     assert first.text and first.confidence is not None
     typed = first.text[0]
-    doubtful = Settings(steps=4, min_confidence=min(1.0, first.confidence * 1.5))
+    doubtful = Settings(steps=4, latency_budget_ms=0, min_confidence=min(1.0, first.confidence * 1.5))
     text_typed = PREFIX + typed + "\n" + SUFFIX
     after = suggest(engine, text_typed, line, character + 1, document="a", settings=doubtful)
     assert after.source == "typed_ahead" and after.confidence == pytest.approx(first.confidence)

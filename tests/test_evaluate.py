@@ -220,3 +220,25 @@ def test_missing_corpus_is_a_clear_error(tmp_path, capsys):
     code = evaluate.main(["--tasks", "", "--heldout", "3", "--corpus", str(tmp_path / "nope.jsonl.gz")])
     assert code == 2
     assert "nope.jsonl.gz: missing" in capsys.readouterr().err
+
+
+def test_budgets_give_one_row_each_and_a_plot(tmp_path):
+    """`--budgets`: one row per latency budget (a spent one cuts every answer), and the budget plot."""
+    from tools.tiny_native import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model")
+    corpus = tmp_path / "valid.jsonl.gz"
+    with gzip.open(corpus, "wt", encoding="utf-8") as handle:
+        source = Path(humaneval.__file__)
+        handle.write(json.dumps({"package": "parafill", "path": source.name, "language": "python",
+                                 "text": source.read_text(encoding="utf-8")}) + "\n")
+    out = tmp_path / "budgets.json"
+    code = evaluate.main(["--model", str(model), "--device", "cpu", "--tasks", "", "--heldout", "2",
+                          "--corpus", str(corpus), "--steps", "4", "--budgets", "0,1", "--warmup", "0",
+                          "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [s["latency_budget_ms"] for s in report["settings"]] == [0, 1]
+    assert report["settings"][0]["metrics"]["heldout"]["budget_cuts"] == 0
+    assert "exact_match" in report["settings"][1]["metrics"]["heldout"]
+    assert out.with_suffix(".budgets.png").stat().st_size > 0

@@ -1,4 +1,4 @@
-"""Fault injection (issue 7, part 2): broken model files, device faults, a dying model thread.
+"""Fault injection: broken model files, device faults, a dying model thread.
 
 Each fault is injected into a real server process (a broken model directory,
 or a small launcher that wraps one function of the real engine before

@@ -1,7 +1,7 @@
 """GPU sweep: every compiled Triton kernel against its torch reference over shapes and
 dtypes, with the tolerances of docs/KERNELS.md. Needs CUDA; skipped without it.
 
-Run on the GPU machine: `python -m pytest tests/test_kernels_gpu_sweep.py -m gpu -q`.
+Run on a machine with an NVIDIA GPU: `python -m pytest tests/test_kernels_gpu_sweep.py -m gpu -q`.
 """
 import math
 

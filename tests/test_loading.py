@@ -141,11 +141,8 @@ def test_cuda_without_a_gpu_is_a_clear_error(model_dir):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    message = load_error_device(model_dir, "cuda")
-    assert "cuda" in message and "--device cpu" in message
-
-
-def load_error_device(model, device) -> str:
     with pytest.raises(ModelLoadError) as info:
-        load_backend(model, device)
-    return str(info.value)
+        load_backend(model_dir, "cuda")
+    assert str(info.value).startswith("device 'cuda': no CUDA device is available (")
+    # The fix is the user's device choice; the CLI and the server each word it in their own terms.
+    assert info.value.setting == "device" and "--device" not in str(info.value)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from lsp_server.settings import Settings
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
@@ -33,21 +35,27 @@ def source_file(tmp_path) -> Path:
     return path
 
 
-def test_complete_prints_the_suggestion_and_its_timing(source_file, parafill_tiny_model):
+TIMING = (r"; took (\d+) ms, (\d+) ms in the model \((\d+) tokens?, (\d+) denoising steps?; "
+          r"(\S+) on cpu, loaded in \d+ ms\)")
+
+
+def test_complete_prints_the_suggestion_and_says_what_happened(source_file, parafill_tiny_model):
     run = parafill("complete", f"{source_file}:6:16", "--model", str(parafill_tiny_model), "--device", "cpu",
                    "--steps", "4", "--min-confidence", "0")
     assert run.returncode == 0, run.stderr
-    timing = run.stderr.strip().splitlines()[-1]
-    match = re.fullmatch(
-        r"parafill: ([\d.]+) ms total, model ([\d.]+) ms, (\d+) tokens, (\d+) steps, cache source (\w+), "
-        r"(line|block) span, (\S+) on cpu \(load \d+ ms\)( \(no suggestion\))?", timing)
-    assert match, timing
-    total, model = float(match[1]), float(match[2])
-    assert 0 < model <= total
-    assert match[5] == "model" and int(match[4]) >= 1
-    assert match[7] == parafill_tiny_model.name
-    printed = run.stdout[:-1] if run.stdout.endswith("\n") else run.stdout
-    assert (printed == "") == (match[8] is not None)
+    said = run.stderr.strip().splitlines()[-1]
+    match = re.fullmatch(r"parafill: (rest-of-line suggestion from the model, confidence 0\.\d\d"
+                         r"(?:; the latency budget stopped the model early \(--latency-budget-ms 0 lets it finish\))?"
+                         r"|no suggestion: what the model wrote added nothing here once tidied .*"
+                         r"|no suggestion: the latency budget ran out before the model wrote anything .*"
+                         r"|no suggestion: the model wrote nothing here)" + TIMING, said)
+    assert match, said
+    total, model = int(match[2]), int(match[3])
+    assert 0 <= model <= total
+    assert int(match[5]) >= 1
+    assert match[6] == parafill_tiny_model.name
+    # stdout holds the suggestion and nothing else: no empty line when there is none.
+    assert (run.stdout == "") == match[1].startswith("no suggestion"), (run.stdout, said)
 
 
 def test_complete_json_matches_the_text_output(source_file, parafill_tiny_model):
@@ -67,11 +75,73 @@ def test_complete_json_matches_the_text_output(source_file, parafill_tiny_model)
 
 
 def test_a_doubtful_suggestion_is_hidden_and_the_user_told_why(source_file, parafill_tiny_model):
-    # The tiny random model is never sure: the default gate (0.3) hides what it writes.
+    # The tiny random model is never sure: the default gate (minConfidence) hides what it writes.
+    # No latency budget: on a busy machine it could stop the model before it writes anything.
     run = parafill("complete", f"{source_file}:6:16", "--model", str(parafill_tiny_model), "--device", "cpu",
-                   "--steps", "4")
-    assert run.returncode == 0 and run.stdout.strip() == "", run.stderr
-    assert "is under minConfidence 0.3; --min-confidence 0 shows it)" in run.stderr
+                   "--steps", "4", "--latency-budget-ms", "0")
+    assert run.returncode == 0 and run.stdout == "", run.stderr
+    said = run.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"parafill: no suggestion: the model was not sure enough \(confidence 0\.\d\d "
+                        r"< minConfidence " + re.escape(f"{Settings().min_confidence:g}") +
+                        r"; --min-confidence 0 shows it\)" + TIMING, said), said
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--steps", "-1", "must be a whole number from 0 to 1024, got -1"),
+    ("--confidence-threshold", "0", "must be a number greater than 0 and at most 1, got 0"),
+    ("--min-confidence", "nan", "must be a number from 0 to 1, got nan"),
+])
+def test_an_out_of_range_option_is_one_usage_error(source_file, option, value, expected):
+    run = parafill("complete", f"{source_file}:1:1", option, value)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1] == f"parafill complete: error: argument {option}: {expected}"
+    assert "keeping" not in run.stderr and "parafill: parafill" not in run.stderr
+    assert run.stdout == ""
+
+
+def test_a_binary_file_is_refused(tmp_path):
+    binary = tmp_path / "image.png"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10")
+    run = parafill("complete", f"{binary}:1:1")
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.strip() == (f"parafill: error: {binary}: this is a binary file (it contains NUL bytes); "
+                                  "parafill completes in text files")
+
+
+def test_a_file_that_is_not_utf8_is_read_with_a_warning(tmp_path, parafill_tiny_model):
+    latin1 = tmp_path / "cafe.py"
+    latin1.write_bytes("x = 1\nname = 'café crème'\nname\n".encode("latin-1"))
+    run = parafill("complete", f"{latin1}:3:5", "--model", str(parafill_tiny_model), "--device", "cpu",
+                   "--steps", "2", "--json")
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.strip() == (
+        f"parafill: warning: {latin1}: not valid UTF-8: 2 undecodable byte sequences read as U+FFFD "
+        "(the first at line 2, column 12); save the file as UTF-8, or declare its encoding on line 1 or 2, "
+        "e.g. `# -*- coding: latin-1 -*-`")
+    assert json.loads(run.stdout)["position"] == {"line": 2, "character": 4}
+
+
+def test_a_declared_encoding_is_used_without_a_warning(tmp_path, parafill_tiny_model):
+    declared = tmp_path / "declared.py"
+    # In latin-1 the bytes C3 A9 are two characters, "Ã©"; read as UTF-8 they would be one, "é",
+    # and column 26 (the end of the line in latin-1) would be past the end of the line.
+    text = "# -*- coding: latin-1 -*-\nname = 'Ã©'; other = name\n"
+    declared.write_bytes(text.encode("latin-1"))
+    run = parafill("complete", f"{declared}:2:26", "--model", str(parafill_tiny_model), "--device", "cpu",
+                   "--steps", "2", "--json")
+    assert run.returncode == 0, run.stderr
+    assert "warning" not in run.stderr
+    assert json.loads(run.stdout)["position"] == {"line": 1, "character": 25}
+
+
+def test_a_device_this_machine_lacks_names_the_flag_that_fixes_it(source_file):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    run = parafill("complete", f"{source_file}:1:1", "--device", "cuda")
+    assert run.returncode == 2
+    assert run.stderr.strip().startswith("parafill: error: device 'cuda': no CUDA device is available (")
+    assert run.stderr.strip().endswith("; use --device cpu or --device auto")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -58,6 +58,23 @@ async def test_initialization_options_are_read_and_bad_ones_reported(client: Lan
     assert "'colour'" in text and "unknown setting" in text
 
 
+async def test_a_problem_sent_again_is_not_shown_again(client: LanguageClient, parafill_lsp, parafill_tiny_model):
+    # Neovim sends its settings in initializationOptions and again, unchanged, in
+    # didChangeConfiguration right after initialize: the user must see each problem once.
+    await warnings_after(client, 1)
+    seen = len(client.messages)
+    same = parafill_lsp.init_params(parafill_tiny_model, BAD_INIT).initialization_options
+    parafill_lsp.configure(client, same)
+    parafill_lsp.configure(client, {"parafill": {**same["parafill"], "maxSnippets": 99}})
+    for _ in range(200):
+        if any("'maxSnippets'" in m.message for m in client.messages[seen:]):
+            break
+        await asyncio.sleep(0.05)
+    shown = [m.message for m in client.messages[seen:]]
+    assert len(shown) == 1, shown
+    assert "'maxSnippets'" in shown[0] and "'steps'" not in shown[0] and "'colour'" not in shown[0]
+
+
 async def test_did_change_configuration_nested_and_flat(client: LanguageClient, parafill_lsp):
     parafill_lsp.configure(client, {"parafill": {"spanTokensLine": 12, "enabledLanguages": ["python"]}})
     settings = await settings_now(client, parafill_lsp)

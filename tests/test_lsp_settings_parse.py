@@ -12,7 +12,8 @@ def test_defaults_round_trip_through_the_wire_names():
     wire = to_wire(Settings())
     assert set(wire) == {
         "model", "device", "contextTokens", "spanTokensLine", "spanTokensBlock", "steps",
-        "confidenceThreshold", "minConfidence", "debounceMs", "enabledLanguages", "maxSnippets", "verboseLogging",
+        "confidenceThreshold", "minConfidence", "debounceMs", "latencyBudgetMs", "threads", "enabledLanguages",
+        "maxSnippets", "repoDrafts", "verboseLogging",
     }
     parsed, problems = parse_settings(wire)
     assert (parsed, problems) == (Settings(), [])

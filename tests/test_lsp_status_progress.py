@@ -39,6 +39,62 @@ async def broken_client(lsp_client: LanguageClient, parafill_lsp, tmp_path):
     await lsp_client.shutdown_session()
 
 
+# The server as an editor whose server command says --device cuda would start it.
+CUDA_COMMAND_CONFIG = ClientServerConfig(
+    server_command=[sys.executable, "-m", "lsp_server", "serve", "--device", "cuda"],
+    server_env={**os.environ, "PYTHONPATH": str(REPO)},
+)
+
+
+@pytest_lsp.fixture(config=CONFIG, loop_scope="module")
+async def cuda_setting_client(lsp_client: LanguageClient, parafill_lsp, parafill_tiny_model):
+    await lsp_client.initialize_session(parafill_lsp.init_params(parafill_tiny_model, {"device": "cuda"}))
+    yield
+    await lsp_client.shutdown_session()
+
+
+@pytest_lsp.fixture(config=CUDA_COMMAND_CONFIG, loop_scope="module")
+async def cuda_command_client(lsp_client: LanguageClient, parafill_lsp, parafill_tiny_model):
+    await lsp_client.initialize_session(parafill_lsp.init_params(parafill_tiny_model))
+    yield
+    await lsp_client.shutdown_session()
+
+
+def skip_if_this_machine_has_cuda() -> None:
+    if pytest.importorskip("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA, so device cuda loads")
+
+
+async def load_error(client: LanguageClient, parafill_lsp) -> tuple[dict, list[str]]:
+    status = await parafill_lsp.wait_for_state(client, ("ready", "error"))
+    for _ in range(100):
+        errors = [m.message for m in client.messages if m.type == types.MessageType.Error]
+        if errors:
+            break
+        await asyncio.sleep(0.05)
+    return status, errors
+
+
+async def test_a_device_the_machine_lacks_names_the_editor_setting(cuda_setting_client: LanguageClient, parafill_lsp):
+    skip_if_this_machine_has_cuda()
+    status, errors = await load_error(cuda_setting_client, parafill_lsp)
+    assert status["state"] == "error"
+    fix = '; set parafill\'s `device` setting to "cpu" or "auto"'
+    assert status["message"].startswith("device 'cuda': no CUDA device is available (")
+    assert status["message"].endswith(fix) and "--device" not in status["message"]
+    assert errors == [f"parafill: the model did not load: {status['message']}"]
+
+
+async def test_a_device_from_the_server_command_names_the_setting_that_overrides_it(
+        cuda_command_client: LanguageClient, parafill_lsp):
+    skip_if_this_machine_has_cuda()
+    status, errors = await load_error(cuda_command_client, parafill_lsp)
+    assert status["state"] == "error"
+    assert status["message"].endswith('; set parafill\'s `device` setting to "cpu" or "auto" '
+                                      "(it overrides the --device cuda the server was started with)")
+    assert errors == [f"parafill: the model did not load: {status['message']}"]
+
+
 async def test_loading_reports_progress_from_begin_to_end(client: LanguageClient, parafill_lsp):
     for _ in range(100):  # the end notification may trail the state change by a moment
         reports = [r for token, r in client.progress_reports.items() if str(token).startswith("parafill/load")]
@@ -75,6 +131,17 @@ async def test_status_reports_model_device_latency_and_caches(client: LanguageCl
     assert status["engine"]["answered"]["model"] == 1
     assert status["hitRates"]["completionCache"] + status["hitRates"]["typedAhead"] == 0.5
     assert status["cacheHitRate"] == 0.5
+    # Every cache says what it holds and may hold, in bytes.
+    caches = status["caches"]
+    assert set(caches) == {"completionCache", "typedAhead", "contextKv", "batchRows", "snippetWindows",
+                           "snippetChoices", "draftsIndex"}
+    for name, cache in caches.items():
+        assert set(cache) == {"entries", "bytes", "maxBytes"}, name
+        assert 0 <= cache["bytes"] <= cache["maxBytes"], (name, cache)
+    assert caches["completionCache"]["entries"] == 1 and caches["completionCache"]["bytes"] > 0
+    assert caches["typedAhead"]["entries"] == 1 and caches["contextKv"]["entries"] == 1
+    assert caches["contextKv"]["bytes"] > 0
+    assert status["openDocuments"]["count"] >= 1 and status["openDocuments"]["bytes"] > 0
 
 
 async def test_a_broken_model_directory_is_an_error_state(broken_client: LanguageClient, parafill_lsp):

@@ -15,6 +15,9 @@ class FakeEngine:
         self.name = name
         self.backend = type("B", (), {"name": name, "device": "cpu"})()
 
+    def set_threads(self, threads):
+        pass
+
 
 async def loaded_worker(monkeypatch, events):
     from denoiser.engine import Engine

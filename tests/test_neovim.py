@@ -214,6 +214,8 @@ def test_missing_server_executable_is_reported_once(tmp_path):
     missing = [m for m in messages if "not found" in m]
     assert len(missing) == 1, messages
     assert "parafill-does-not-exist" in missing[0] and "cmd" in missing[0]
+    # parafill is not on PyPI: the advice installs it from its source folder.
+    assert "pipx install /path/to/parafill" in missing[0] and "pip install parafill" not in missing[0]
     # The wrong-typed options are named, once, and the defaults kept.
     options = [m for m in messages if 'option "inline" must be boolean' in m]
     assert len(options) == 1 and 'option "keymaps"' in options[0], messages
@@ -231,3 +233,26 @@ def test_crashing_server_is_reported_once(tmp_path):
     assert len(crashes) == 1, messages
     assert "exit code 3" in crashes[0] and ":ParafillRestart" in crashes[0]
     assert report["clients"] == 0
+
+
+def test_server_settings_problems_reach_the_user_once_in_editor_terms(tmp_path, tiny_model):
+    # Neovim sends the settings twice (initializationOptions, then didChangeConfiguration);
+    # a bad value is still one message, and a device this machine lacks is fixed with the
+    # editor's setting, not a command-line flag.
+    source = tmp_path / "example.py"
+    source.write_text("x = 1\n")
+    report = run_driver(
+        tmp_path, scenario="settings", files=[source],
+        cmd=[sys.executable, "-m", "lsp_server", "serve", "--model", str(tiny_model)],
+        settings={"steps": "eight", "device": "cuda"}, timeout_s=180,
+    )
+    assert report.get("error") is None, report
+    messages = [n["msg"] for n in report["notifications"]]
+    steps = [m for m in messages if "'steps'" in m]
+    assert len(steps) == 1 and "must be a whole number" in steps[0], messages
+    if report["status"]["state"] == "ready":
+        pytest.skip("this machine has CUDA, so device cuda loads")
+    device = [m for m in messages if "did not load" in m]
+    assert len(device) == 1, messages
+    assert 'set parafill\'s `device` setting to "cpu" or "auto"' in device[0], device
+    assert "--device" not in device[0], device

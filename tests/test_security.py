@@ -1,4 +1,4 @@
-"""Security promises (issue 7, part 3; SECURITY.md lists them), each checked on the real thing.
+"""Security promises (SECURITY.md lists them), each checked on the real thing.
 
 1. Weights load only from safetensors: pickle checkpoints are refused and never
    unpickled (a pickle that would create a marker file must not create it).
@@ -148,7 +148,7 @@ def _allowed_reads(model_dir: Path, log_file: Path) -> list[str]:
     return sorted(str(Path(r).resolve()) + ("/" if r.endswith("/") else "") for r in roots)
 
 
-def _audited_session(tmp_path: Path, model_dir: Path, *, verbose: bool):
+def _audited_session(tmp_path: Path, model_dir: Path, *, verbose: bool, drafts: bool = False):
     workspace = tmp_path / "workspace"
     (workspace / "src").mkdir(parents=True)
     (workspace / "src" / "app.py").write_text("def on_disk():\n    return 'the disk copy'\n")
@@ -162,7 +162,8 @@ def _audited_session(tmp_path: Path, model_dir: Path, *, verbose: bool):
                                            repo=str(REPO)))
     argv = [sys.executable, str(script), "serve", "--device", "cpu", "--log-level", "debug",
             "--log-file", str(log_file)]
-    settings = {"verboseLogging": verbose}
+    # Drafts off: this session proves that nothing of the workspace is read unless drafts are on.
+    settings = {"verboseLogging": verbose, "repoDrafts": drafts}
     return workspace, log_file, record, session(model_dir, server_argv=argv, settings=settings, work_dir=workspace,
                                                 root_uri=workspace.as_uri())
 
@@ -231,6 +232,51 @@ def test_full_session_no_network_reads_only_what_it_was_given_writes_nothing(par
     assert marker not in log_text, "source text reached the log without verboseLogging"
     assert "raw fill" not in log_text and "Sending data" not in log_text, "message bodies logged without verboseLogging"
     assert marker not in current.log_text
+
+
+def test_with_drafts_on_only_the_workspace_code_files_are_read_and_nothing_is_written(parafill_tiny_model, tmp_path):
+    marker = f"PARAFILL_MARKER_{uuid.uuid4().hex}"
+    workspace, log_file, record, running = _audited_session(tmp_path, parafill_tiny_model, verbose=False, drafts=True)
+    # What the walk must skip: ignored, vendored, hidden, not code; and a file outside the folder.
+    (workspace / ".gitignore").write_text("ignored.py\n")
+    (workspace / "src" / "ignored.py").write_text("LEAK = 'ignored'\n")
+    (workspace / "node_modules" / "lib").mkdir(parents=True)
+    (workspace / "node_modules" / "lib" / "index.js").write_text("module.exports = 1;\n")
+    (workspace / ".hidden").mkdir()
+    (workspace / ".hidden" / "notes.py").write_text("X = 1\n")
+    outside = tmp_path / "outside.py"
+    outside.write_text("OUTSIDE = 1\n")
+    before = _snapshot(workspace)
+    with running as current:
+        assert current.status.get("state") == "ready", current.status
+        _drive(current, workspace, marker)
+        # Files changed on disk, as the editor's watcher reports them: only code files of the folder are read.
+        changes = [{"uri": p.as_uri(), "type": 2} for p in (workspace / "secret.env", workspace / "src" / "ignored.py",
+                                                           workspace / ".hidden" / "notes.py", outside,
+                                                           workspace / "src" / "util.py")]
+        current.pipe.notify("workspace/didChangeWatchedFiles", {"changes": changes})
+        index = {}
+        for _ in range(100):
+            answer = current.pipe.wait_for(current.pipe.request("parafill/status", {}), 30)
+            index = answer["result"]["drafts"]["index"]
+            if not index.get("indexing"):
+                break
+        assert index.get("enabled") and index.get("folders") == 1 and not index.get("indexing"), index
+    assert current.soak.state.failures == [], current.soak.state.failures
+    events = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+    network = [e for e in events if e["kind"] in ("socket", "network")]
+    assert network == [], f"the server tried to use the network: {network}"
+    root = workspace.resolve()
+    writes = sorted({e["detail"] for e in events if e["kind"] == "write"})
+    assert set(writes) <= {str(log_file)}, f"the server wrote files other than its log: {writes}"
+    reads = {e["detail"] for e in events if e["kind"] == "read" and Path(e["detail"]).exists()}
+    in_workspace = {str(Path(r).relative_to(root)) for r in reads if Path(r).is_relative_to(root)}
+    assert in_workspace == {".gitignore", "src/app.py", "src/util.py"}, in_workspace
+    assert reads - {str(root / r) for r in in_workspace} == set(), "the server read files outside the workspace, " \
+        f"the model, its log and Python itself: {sorted(reads)[:20]}"
+    assert _snapshot(workspace) == before, "a workspace file changed"
+    log_text = log_file.read_text(errors="replace")
+    assert marker not in log_text and "the disk copy" not in log_text, "source text reached the log"
 
 
 def test_verbose_logging_is_the_only_way_source_reaches_the_log(parafill_tiny_model, tmp_path):

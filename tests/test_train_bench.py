@@ -23,3 +23,10 @@ def test_train_bench_reports_rates_against_the_matmul(tmp_path):
 def test_unknown_variant_is_a_usage_error(capsys):
     assert train_bench.main(["--variants", "fp8"]) == 2
     assert "--variants" in capsys.readouterr().err
+
+
+def test_bench_train_flag_hands_over_to_the_training_bench(capsys):
+    from tools import bench
+
+    assert bench.main(["--train", "--variants", "fp8"]) == 2  # train_bench's own usage error
+    assert "parafill bench --train" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """`parafill bench`: reproducible speed numbers, written as JSON + a plot under bench/results/.
 
-What it measures (issue 4; bench/README.md has the commands):
+What it measures (bench/README.md has the commands):
 - e2e: latency through a real stdio LSP client (`python -m lsp_server serve`)
   replaying an editor-like session: typing with automatic inline requests,
   invoked inline and menu completions, edits elsewhere in the file; p50/p90/p99;
@@ -77,13 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model directory (default: the model shipped with parafill)")
     parser.add_argument("--tiny", action="store_true",
                         help="benchmark a random model of the default model's shape (for development)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the model runs (default: auto = cuda if available); results are named after it")
     parser.add_argument("--quick", action="store_true", help="CI-size run: few shapes, few repetitions")
     parser.add_argument("--out", metavar="DIR", default=str(DEFAULT_OUT), help="where results go (default: bench/results)")
     parser.add_argument("--no-lsp", action="store_true", help="skip the end-to-end LSP session")
     parser.add_argument("--no-plot", action="store_true", help="write the JSON only")
     parser.add_argument("--soak", type=int, metavar="N", default=None,
                         help="run the reliability soak with N operations instead (tools.soak)")
+    parser.add_argument("--train", action="store_true",
+                        help="measure the training step instead: tokens/s and GFLOP/s in fp32, bf16 and bf16 "
+                             "compiled against this machine's matmul rate (`parafill bench --train --help`)")
+    parser.add_argument("--contended", action="store_true",
+                        help="measure completion latency idle and beside busy processes, for several thread "
+                             "counts (`parafill bench --contended --help`)")
     return parser
 
 
@@ -505,7 +512,7 @@ def headline(report: dict, plan: Plan) -> dict:
         out["ratio_to_autoregressive_by_steps"] = {s: round(v / ar, 2) for s, v in by_steps.items()}
     fills = report.get("real_fills") or {}
     if "denoiser" in fills:
-        # What one `parafill complete` costs after warm-up (cold context), issue 3's CPU target.
+        # What one `parafill complete` costs after warm-up (cold context): the CPU latency that matters.
         out["complete_cold_context_ms"] = fills["denoiser"]["latency_ms"]
     return out
 
@@ -591,6 +598,14 @@ def resolve_model(args: argparse.Namespace, workdir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--train" in argv:
+        from tools import train_bench
+
+        return train_bench.main([a for a in argv if a != "--train"])
+    if "--contended" in argv:
+        from tools import contention_bench
+
+        return contention_bench.main([a for a in argv if a != "--contended"])
     args, rest = build_parser().parse_known_args(argv)
     args.argv = argv
     if args.soak is not None:

@@ -164,13 +164,15 @@ class Setting:
     decoder: str  # "diffusion" | "autoregressive"
     steps: int | None = None
     confidence_threshold: float | None = None
+    latency_budget_ms: int | None = None  # None: the server's default for the device; 0: no budget
 
     @property
     def label(self) -> str:
         if self.decoder == "autoregressive":
             return "autoregressive"
         steps = "auto" if self.steps == 0 else str(self.steps)
-        return f"diffusion steps={steps} threshold={self.confidence_threshold:g}"
+        budget = "" if self.latency_budget_ms is None else f" budget={self.latency_budget_ms or 'none'}"
+        return f"diffusion steps={steps} threshold={self.confidence_threshold:g}{budget}"
 
 
 @dataclass
@@ -267,6 +269,7 @@ def summarise(attempts: list[Attempt]) -> dict:
         "mean_tokens": _round(tokens / len(model_runs)) if model_runs else None,
         "mean_steps": _round(steps / len(model_runs)) if model_runs else None,
         "cached_answers": n - len(model_runs),
+        "budget_cuts": sum(1 for a in attempts if a.extra.get("budget_cut")),
     }
     tested = [a for a in attempts if a.test is not None]
     if tested:
@@ -313,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", default="0",
                         help="comma-separated denoising step limits (0: as many as the span needs)")
     parser.add_argument("--thresholds", default="0.9", help="comma-separated confidence thresholds in (0, 1]")
+    parser.add_argument("--budgets", default="",
+                        help="comma-separated latency budgets in ms, one row each (0 = no budget; "
+                             "default: the server's for the device); plotted as OUT.budgets.png")
     parser.add_argument("--context-tokens", type=int, default=None, help="context window (default: the server's)")
     parser.add_argument("--span-tokens-line", type=int, default=None,
                         help="longest rest-of-line suggestion (default: the server's)")
@@ -327,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2, help="untimed completions before each setting")
     parser.add_argument("--out", default=None, help="write results JSON here (and a .png plot beside it)")
     parser.add_argument("--samples", action="store_true", help="also write every completion to OUT.samples.jsonl.gz")
+    parser.add_argument("--repo-drafts", default=None, metavar="DIR,...",
+                        help="instead: compare suggestions with and without drafts from your code, each DIR a package "
+                             "used as the workspace folder (its evaluated files left out of the index)")
+    parser.add_argument("--draft-files", type=int, default=8, help="files evaluated per package (--repo-drafts)")
+    parser.add_argument("--draft-examples-per-file", type=int, default=5,
+                        help="rest-of-line cuts per evaluated file (--repo-drafts)")
     return parser
 
 
@@ -342,7 +354,10 @@ def settings_from(args) -> list[Setting]:
             continue
         for steps in parse_list(args.steps, int):
             for threshold in parse_list(args.thresholds, float):
-                settings.append(Setting("diffusion", steps, threshold))
+                for budget in parse_list(args.budgets, int) or [None]:
+                    if budget is not None and budget < 0:
+                        raise SystemExit(f"parafill eval: a latency budget is 0 (none) or more ms, got {budget}")
+                    settings.append(Setting("diffusion", steps, threshold, budget))
     if not settings:
         raise SystemExit("parafill eval: no decoding settings (check --decoders, --steps, --thresholds)")
     return settings
@@ -367,7 +382,8 @@ def server_settings(setting: Setting, base):
     """The server's settings for one decoding setting (the autoregressive decoder ignores steps)."""
     if setting.decoder == "autoregressive":
         return base
-    return replace(base, steps=setting.steps, confidence_threshold=setting.confidence_threshold)
+    return replace(base, steps=setting.steps, confidence_threshold=setting.confidence_threshold,
+                   latency_budget_ms=setting.latency_budget_ms)
 
 
 def evaluate_setting(setting, backend, base_settings, suites, heldout, args, pool, log) -> tuple[dict, list[dict]]:
@@ -394,7 +410,8 @@ def evaluate_setting(setting, backend, base_settings, suites, heldout, args, poo
                 document=f"eval:{name}:{task.task_id}",
             )
             attempt = Attempt(task.task_id, text, placement.expected, latency, result.tokens, result.steps,
-                              result.source, confidence=result.confidence)
+                              result.source, confidence=result.confidence,
+                              extra={"budget_cut": result.budget_cut})
             attempt.test = pool.submit(humaneval.run_tests, task, placement.program(text),
                                        timeout_s=args.test_timeout, memory_mb=args.test_memory_mb)
             attempts.append(attempt)
@@ -410,7 +427,8 @@ def evaluate_setting(setting, backend, base_settings, suites, heldout, args, poo
                 document=f"eval:heldout:{example.example_id}",
             )
             attempts.append(Attempt(example.example_id, text, example.placement.expected, latency,
-                                    result.tokens, result.steps, result.source, confidence=result.confidence))
+                                    result.tokens, result.steps, result.source, confidence=result.confidence,
+                                    extra={"budget_cut": result.budget_cut}))
         results["heldout"] = summarise(attempts)
         samples += [_sample(setting, "heldout", a) for a in attempts]
         log(f"  {setting.label} | heldout: {len(attempts)} done")
@@ -506,6 +524,7 @@ def run(args, log=print) -> dict:
                 "decoder": setting.decoder,
                 "steps": setting.steps,
                 "confidence_threshold": setting.confidence_threshold,
+                "latency_budget_ms": setting.latency_budget_ms,
                 "metrics": metrics,
             })
             all_samples += samples
@@ -624,24 +643,73 @@ def write_plot(report: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def write_budget_plot(report: dict, path: Path) -> None:
+    """The quality a latency budget costs: exact line (held-out) and pass@1 against the budget,
+    one line per steps/threshold setting; "no budget" is drawn at the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [s for s in report["settings"] if s["decoder"] == "diffusion" and s.get("latency_budget_ms") is not None]
+    budgets = sorted({s["latency_budget_ms"] for s in rows if s["latency_budget_ms"] > 0})
+    unbounded_x = (max(budgets) * 1.5 if budgets else 1.0)
+
+    def x_of(budget: int) -> float:
+        return budget if budget > 0 else unbounded_x
+
+    figure, axis = plt.subplots(figsize=(7, 4.8))
+    groups: dict[tuple, list[dict]] = {}
+    for setting in rows:
+        groups.setdefault((setting["steps"], setting["confidence_threshold"]), []).append(setting)
+    for (steps, threshold), settings in groups.items():
+        settings = sorted(settings, key=lambda s: x_of(s["latency_budget_ms"]))
+        suites = {name for s in settings for name in s["metrics"]}
+        for name in sorted(suites):
+            metric = "exact_match" if name == "heldout" else "pass@1"
+            points = [(x_of(s["latency_budget_ms"]), s["metrics"][name].get(metric)) for s in settings
+                      if name in s["metrics"]]
+            points = [(x, 100 * y) for x, y in points if y is not None]
+            if points:
+                shown = "exact line" if name == "heldout" else f"{name} pass@1"
+                steps_label = "auto" if steps == 0 else steps
+                axis.plot(*zip(*points), marker="o", label=f"{shown} (steps {steps_label}, threshold {threshold:g})")
+    axis.set_xticks(budgets + [unbounded_x], [str(b) for b in budgets] + ["none"])
+    axis.set_xlabel("latency budget (ms)")
+    axis.set_ylabel("quality (%)")
+    axis.set_title("the quality a latency budget costs")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.suptitle(f"{report['model']['name']} on {report['device']}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def _short_label(setting: dict) -> str:
     if setting["decoder"] == "autoregressive":
         return "AR"
     steps = "auto" if setting["steps"] == 0 else setting["steps"]
-    return f"{steps}/{setting['confidence_threshold']:g}"
+    budget = setting.get("latency_budget_ms")
+    return f"{steps}/{setting['confidence_threshold']:g}" + ("" if budget is None else f"/{budget or 'none'}ms")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)  # before torch is imported, so --help and mistakes are quick
+    args.argv = argv
     from denoiser.backend import ModelLoadError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    if args.repo_drafts:
+        from tools.draft_eval import main as drafts_main
+
+        return drafts_main(args, log)
     try:
         report = run(args, log)
     except (FileNotFoundError, ValueError, ModelLoadError) as exc:
-        print(f"parafill eval: {exc}", file=sys.stderr)
+        fix = "; use --device cpu or --device auto" if getattr(exc, "setting", None) == "device" else ""
+        print(f"parafill eval: {exc}{fix}", file=sys.stderr)
         return 2
     samples = report.pop("_samples")
     print(format_table(report))
@@ -651,6 +719,10 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         write_plot(report, out.with_suffix(".png"))
         written = [str(out), str(out.with_suffix(".png"))]
+        if args.budgets:
+            budgets_plot = out.with_suffix(".budgets.png")
+            write_budget_plot(report, budgets_plot)
+            written.append(str(budgets_plot))
         if args.samples:
             samples_path = out.with_suffix(".samples.jsonl.gz")
             with gzip.open(samples_path, "wt", encoding="utf-8") as handle:

@@ -6,7 +6,11 @@ what editors and careless users send: incremental and whole-document edits,
 inline and menu completions at valid and out-of-range positions,
 cancellations mid-flight, didClose while a request runs, unknown methods,
 malformed JSON and JSON-RPC, invalid params, oversized messages, a 10 MB
-document, 1 MB lines, NUL and control characters, lone surrogates.
+document, 1 MB lines, NUL and control characters, lone surrogates; and the
+traffic of a working day: files closed and reopened, files visited for a moment,
+edits to files just closed, refused settings. `--traffic files` opens, completes
+in and closes N distinct files instead. The server's RSS is read after every
+operation and drawn against operations (`plot_memory`).
 
 It keeps its own copy of every document and checks, through the ranges the
 server answers at out-of-range positions (clamped into the server's copy),
@@ -113,6 +117,27 @@ def random_text(rng: random.Random, pieces: int | None = None) -> str:
         else:
             out.append(rng.choice("abc ") * rng.randint(200, 4000))
     return "".join(out)
+
+
+def code_text(rng: random.Random, chars: int) -> str:
+    """About `chars` characters of plain code, as real source files hold."""
+    out, size = [], 0
+    while size < chars:
+        piece = rng.choice(CODE[:9]) if rng.random() < 0.9 else f"value_{rng.randrange(10**6)} = {rng.random()!r}\n"
+        out.append(piece)
+        size += len(piece)
+    return "".join(out)
+
+
+# Settings a careless user or client sends: each is refused and the previous value kept.
+BAD_SETTINGS = [
+    {"parafill": {"steps": "many"}}, {"parafill": {"contextTokens": -5}}, {"parafill": {"confidenceThreshold": 2}},
+    {"parafill": {"device": "tpu"}}, {"parafill": {"model": 42}}, {"parafill": {"enabledLanguages": "python"}},
+    {"parafill": {"noSuchSetting": 1}}, {"parafill": {"debounceMs": 1.5}}, {"parafill": {"maxSnippets": 99}},
+    {"parafill": {"verboseLogging": "yes"}}, {"parafill": {"spanTokensLine": 10**9}}, {"parafill": [1, 2]},
+    {"parafill": "fast"}, 42, "settings", [], {"parafill": {"minConfidence": float("nan")}},
+    {},  # no values: the server asks for them (workspace/configuration)
+]
 
 
 # --- the raw JSON-RPC pipe ----------------------------------------------------------------
@@ -549,6 +574,77 @@ class Soak:
         self.collect(wait=True)
         self.close(uri)
 
+    # --- a working day: files come and go, edits land between requests ------------------
+    def op_reopen(self) -> None:
+        """Close a document and open it again under the same name with new text (an editor
+        reloading a file changed on disk), then edit it and ask for a completion."""
+        uri = self.any_document()
+        self.close(uri)
+        if self.rng.random() < 0.3:
+            self.late_edit(uri)
+        self.open(uri, random_text(self.rng, 25), self.rng.choice(["python", "javascript", "plaintext"]))
+        self.op_edit_in(uri)
+        text = self.state.documents[uri]
+        self.completion_request(uri, self.random_position(text, out_of_range=self.rng.random() < 0.2),
+                                inline=self.rng.random() < 0.7)
+
+    def op_visit(self) -> None:
+        """A file opened for a moment: a completion, an edit, another completion, closed at once
+        (the second answer may still be running: the close supersedes it)."""
+        uri = self.new_uri(self.rng.choice([".py", ".js", ".txt", ".rs"]))
+        self.open(uri, random_text(self.rng, 25), self.rng.choice(["python", "javascript", "plaintext", "rust"]))
+        self.completion_request(uri, self.random_position(self.state.documents[uri], out_of_range=False), inline=True)
+        self.op_edit_in(uri)
+        self.completion_request(uri, self.random_position(self.state.documents[uri], out_of_range=False),
+                                inline=self.rng.random() < 0.5)
+        self.close(uri)
+        if self.rng.random() < 0.2:
+            self.late_edit(uri)
+
+    def late_edit(self, uri: str, text: str | None = None) -> None:
+        """A whole-document edit to a document the client has just closed (a client racing its own
+        close): bad input the server must drop, keeping nothing of it."""
+        text = random_text(self.rng, 25) if text is None else text
+        self.pipe.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": 10**6},
+                                                    "contentChanges": [{"text": text}]})
+
+    def op_configuration(self) -> None:
+        """Settings the server must refuse (each one keeps what it had), or an empty change
+        that makes it ask for its settings."""
+        self.pipe.notify("workspace/didChangeConfiguration", {"settings": self.rng.choice(BAD_SETTINGS)})
+
+    def visit_files(self, n: int, *, file_chars: int = 0, late_edits: bool = False,
+                    on_step: Callable[[int], None] = lambda i: None) -> None:
+        """N distinct files, one after another: opened, completed in (the answer awaited),
+        edited, completed in again, closed. `file_chars` pads each file with code to about that
+        size; `late_edits` follows every close with a whole-document edit to the closed file."""
+        self.status_request()
+        self.collect(wait=True)
+        for i in range(n):
+            uri = self.new_uri(self.rng.choice([".py", ".js", ".rs"]))
+            text = random_text(self.rng, 25)
+            if file_chars > len(text):
+                text = code_text(self.rng, file_chars - len(text)) + text
+            self.state.ops["visit_file"] += 1
+            self.open(uri, text, self.rng.choice(["python", "javascript", "rust"]))
+            self.completion_request(uri, self.random_position(text, out_of_range=False), inline=True)
+            self.collect(wait=True)
+            self.op_edit_in(uri)
+            self.completion_request(uri, self.random_position(self.state.documents[uri], out_of_range=False),
+                                    inline=self.rng.random() < 0.5)
+            self.collect(wait=True)
+            self.close(uri)
+            if late_edits:
+                self.late_edit(uri, text)
+            if i % 50 == 49:
+                self.status_request()
+            if not self.pipe.alive():
+                self.fail(f"the server exited (code {self.pipe.proc.returncode}) at file {i}")
+                return
+            on_step(i)
+        self.status_request()
+        self.collect(wait=True)
+
     def op_edit_in(self, uri: str) -> None:
         text = self.state.documents[uri]
         a = valid_offset(text, self.rng.randint(0, len(text)))
@@ -627,6 +723,8 @@ class Soak:
             self.op_inline: 18, self.op_completion: 8, self.op_cancel: 8,
             self.op_close_in_flight: 4, self.op_unknown: 4, self.op_invalid_params: 6, self.op_malformed: 5,
             self.op_view_check: 6, self.op_status: 2,
+            # A working day: files reopened and visited briefly, refused settings.
+            self.op_reopen: 4, self.op_visit: 4, self.op_configuration: 2,
         }
         ops, cumulative = list(weights), list(weights.values())
         big: dict[int, Callable[[], None]] = {}
@@ -758,38 +856,67 @@ def run_soak(
     answer_timeout_s: float = 60.0,
     rss_growth_limit_mb: float = 64.0,
     big_rounds: int = 1,
+    traffic: str = "mixed",
+    file_chars: int = 0,
+    late_edits: bool = False,
+    checkpoints: tuple[int, ...] = (),
+    rss_target: tuple[int, float] | None = None,
     progress: Callable[[str], None] | None = None,
     **session_options: Any,
 ) -> dict:
     """Run N random operations against a fresh `python -m lsp_server serve`; returns the report.
 
-    model_dir None builds a tiny random model in a temporary directory (the soak
-    tests the server, not the model). `report["failures"]` is empty on success.
+    traffic "mixed": N operations of every kind (`Soak.run`); "files": N distinct files
+    opened, completed in and closed (`Soak.visit_files`, with `file_chars` and `late_edits`).
+    The server's RSS is read after every operation: `memory.rss_mb_by_ops` draws it,
+    `memory.checkpoints_mb` holds it after each of `checkpoints` operations and at the
+    end, and `rss_target` (ops, MB) fails the run if the end passes the reading after
+    `ops` operations by more than MB. model_dir None builds a tiny random model in a
+    temporary directory (the soak tests the server, not the model). `report["failures"]`
+    is empty on success.
     """
+    if traffic not in TRAFFIC:
+        raise ValueError(f"traffic must be one of {', '.join(TRAFFIC)}, got {traffic!r}")
+    marks = sorted({k for k in (*checkpoints, *(rss_target[:1] if rss_target else ())) if 0 < k <= n})
     with tempfile.TemporaryDirectory(prefix="parafill-soak-model-") as model_scratch:
         if model_dir is None:
             from tools.tiny_native import make_tiny_model  # only here: the soak itself needs no torch
 
             model_dir = make_tiny_model(Path(model_scratch) / "tiny-model")
+        elif Path(model_dir).exists():  # the server runs in a scratch directory: no relative paths
+            model_dir = Path(model_dir).resolve()
         rss: list[tuple[int, int]] = []
+        marked: dict[str, float] = {}
+        end_status: dict = {}
         started = time.monotonic()
         duration = 0.0
         with session(model_dir, seed=seed, device=device, settings=settings, answer_timeout_s=answer_timeout_s,
                      **session_options) as current:
             pipe, soak = current.pipe, current.soak
             ready_at = time.monotonic()
-            warm_up = 3 if big_rounds else 0  # the first round of big operations
+            warm_up = 3 if big_rounds and traffic == "mixed" else 0  # the first round of big operations
+            unit = "operations" if traffic == "mixed" else "files"
 
             def on_step(i: int) -> None:
                 kb = pipe.rss_kb()
                 if kb is not None and i >= warm_up:
-                    rss.append((i, kb))
+                    rss.append((i + 1, kb))
+                if kb is not None and i + 1 in marks:
+                    marked[str(i + 1)] = round(kb / 1024, 1)
                 if progress and (i + 1) % max(1, n // 20) == 0:
-                    progress(f"{i + 1}/{n} operations, {len(soak.state.failures)} failures, "
+                    progress(f"{i + 1}/{n} {unit}, {len(soak.state.failures)} failures, "
                              f"RSS {kb / 1024 if kb else 0:.0f} MB")
 
             if not soak.state.failures:
-                soak.run(n, big_rounds=big_rounds, on_step=on_step)
+                if traffic == "mixed":
+                    soak.run(n, big_rounds=big_rounds, on_step=on_step)
+                else:
+                    soak.visit_files(n, file_chars=file_chars, late_edits=late_edits, on_step=on_step)
+                answer = pipe.wait_for(pipe.request("parafill/status", {}), answer_timeout_s) or {}
+                end_status = answer.get("result") or {}
+                kb = pipe.rss_kb()
+                if kb is not None:
+                    marked["end"] = round(kb / 1024, 1)
             duration = time.monotonic() - ready_at
         total = time.monotonic() - started
 
@@ -798,6 +925,10 @@ def run_soak(
     if memory.get("growing"):
         soak.fail(f"resident memory still grows: first half max {memory['first_half_max_mb']} MB, "
                   f"second half max {memory['second_half_max_mb']} MB")
+    memory["checkpoints_mb"] = marked
+    memory["rss_mb_by_ops"] = _thinned(rss)
+    if rss_target is not None:
+        memory["target"] = _check_target(marked, rss_target, soak)
     latencies = sorted(state.latencies_ms)
 
     def pct(p: int) -> float | None:
@@ -805,7 +936,10 @@ def run_soak(
 
     return {
         "operations": n,
+        "traffic": traffic,
+        **({"file_chars": file_chars, "late_edits": late_edits} if traffic == "files" else {}),
         "seed": seed,
+        "machine": machine(),
         "duration_s": round(duration, 2),
         "total_s": round(total, 2),
         "failures": state.failures,
@@ -818,10 +952,92 @@ def run_soak(
         "view_unverified": state.view_unverified,
         "notifications": dict(pipe.notifications),
         "memory": memory,
+        # What the server held at the end, by its own account (parafill/status).
+        "server_caches": end_status.get("caches"),
+        "server_open_documents": end_status.get("openDocuments"),
         "exit_code": current.exit_code,
         "server_log_tracebacks": len(TRACEBACK.findall(current.log_text)),
         "bytes_received": pipe.bytes_received,
     }
+
+
+TRAFFIC = ("mixed", "files")
+
+
+def _check_target(marked: dict[str, float], target: tuple[int, float], soak: Soak) -> dict:
+    """RSS at the end against RSS after `ops` operations plus `mb`; a miss is a failure."""
+    ops, mb = target
+    base, end = marked.get(str(ops)), marked.get("end")
+    if base is None or end is None:
+        soak.fail(f"no RSS reading after {ops} operations and at the end to check the target against")
+        return {"after_ops": ops, "max_growth_mb": mb, "met": False}
+    growth = round(end - base, 1)
+    if growth > mb:
+        soak.fail(f"resident memory grew {growth} MB after the first {ops} operations ({base} -> {end} MB); "
+                  f"at most {mb} MB is allowed")
+    return {"after_ops": ops, "max_growth_mb": mb, "growth_mb": growth, "met": growth <= mb}
+
+
+def _thinned(rss: list[tuple[int, int]], points: int = 400) -> list[list[float]]:
+    """[ops, MB] pairs, at most about `points` of them (the last reading always kept)."""
+    if not rss:
+        return []
+    every = max(1, len(rss) // points)
+    kept = rss[::every] + ([rss[-1]] if (len(rss) - 1) % every else [])
+    return [[i, round(kb / 1024, 1)] for i, kb in kept]
+
+
+def machine() -> str:
+    """The CPU and core count, named beside the absolute figures of a report."""
+    name = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import platform
+
+    return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def plot_memory(report: dict, path: str | Path) -> bool:
+    """Draw the server's RSS against operations into a PNG; False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    memory = report["memory"]
+    points = memory.get("rss_mb_by_ops") or []
+    unit = "files opened, completed in and closed" if report.get("traffic") == "files" else "operations"
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.2, label="server RSS")
+    for name, mb in memory.get("checkpoints_mb", {}).items():
+        if name != "end":
+            ax.plot([int(name)], [mb], "o", color="black")
+            ax.annotate(f"{mb:.0f} MB", (int(name), mb), textcoords="offset points", xytext=(4, 6), fontsize=8)
+    target = memory.get("target")
+    base = memory.get("checkpoints_mb", {}).get(str(target["after_ops"])) if target else None
+    if target and base is not None:
+        ax.axhline(base + target["max_growth_mb"], ls="--", color="red", lw=1,
+                   label=f"target: at most {target['max_growth_mb']:.0f} MB above the reading after "
+                         f"{target['after_ops']:,}")
+    ax.set_xlabel(unit)
+    ax.set_ylabel("resident memory (MB)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"parafill server memory, {report.get('traffic', 'mixed')} traffic, {report['operations']:,} "
+                 f"{'files' if report.get('traffic') == 'files' else 'operations'}\n{report.get('machine', '')}",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def _wait_ready(pipe: LspPipe, timeout: float, soak: Soak, states: tuple[str, ...] = ("ready",)) -> dict:
@@ -868,8 +1084,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--big-rounds", type=int, default=None,
                         help="rounds of big operations (10 MB document, 1 MB lines, 4 MB messages); "
                              "default: one per 2000 operations, at least one")
-    parser.add_argument("--json", metavar="PATH", help="also write the report here")
+    parser.add_argument("--traffic", choices=TRAFFIC, default="mixed",
+                        help="mixed: N operations of every kind (default); files: N distinct files, each opened, "
+                             "completed in, edited, completed in again and closed")
+    parser.add_argument("--file-chars", type=int, default=0, metavar="CHARS",
+                        help="--traffic files: pad each file with code to about this many characters")
+    parser.add_argument("--late-edits", action="store_true",
+                        help="--traffic files: follow each close with a whole-document edit to the closed file")
+    parser.add_argument("--checkpoints", default="", metavar="OPS,...",
+                        help="also record the server's RSS after these many operations (e.g. 500,5000)")
+    parser.add_argument("--rss-target", default=None, metavar="OPS:MB",
+                        help="fail the run if the server's RSS at the end passes its RSS after OPS operations "
+                             "by more than MB (e.g. 5000:64)")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write the report here, and the server's RSS against operations beside it (.png)")
     return parser
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -879,14 +1112,35 @@ def main(argv: list[str] | None = None) -> int:
         print("parafill: error: --soak N needs a positive number of operations, e.g. --soak 10000", file=sys.stderr)
         return 2
     big_rounds = args.big_rounds if args.big_rounds is not None else max(1, n // 2000)
+    try:
+        checkpoints = _ints(args.checkpoints)
+        target = None
+        if args.rss_target:
+            ops, _, mb = args.rss_target.partition(":")
+            target = (int(ops), float(mb))
+    except ValueError:
+        print("parafill: error: --checkpoints takes whole numbers separated by commas (500,5000) and "
+              "--rss-target OPS:MB (5000:64)", file=sys.stderr)
+        return 2
     report = run_soak(n, args.seed, args.model, device=args.device, answer_timeout_s=args.timeout, big_rounds=big_rounds,
+                      traffic=args.traffic, file_chars=args.file_chars, late_edits=args.late_edits,
+                      checkpoints=checkpoints, rss_target=target,
                       progress=lambda line: print(f"soak: {line}", file=sys.stderr, flush=True))
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] == ["--operations"]:  # as `parafill bench --soak N` forwards it
+        given = given[1:]
+    report["command"] = "parafill bench --soak " + " ".join(given)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
         Path(args.json).write_text(text + "\n", encoding="utf-8")
+        png = Path(args.json).with_suffix(".png")
+        if plot_memory(report, png):
+            print(f"soak: wrote {args.json} and {png}", file=sys.stderr)
     failures = report["failures"]
-    print(f"soak: {n} operations in {report['duration_s']} s, {len(failures)} failures", file=sys.stderr)
+    unit = "operations" if args.traffic == "mixed" else "files"
+    print(f"soak: {n} {unit} in {report['duration_s']} s, {len(failures)} failures, server RSS "
+          f"{report['memory'].get('checkpoints_mb', {})} MB", file=sys.stderr)
     return 1 if failures else 0
 
 

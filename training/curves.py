@@ -84,7 +84,7 @@ def plot_quality(points: list[tuple[float, dict]], out: Path, title: str) -> Non
         if all(suite in h for _, h in points):
             ax.plot(tokens, [100 * h[suite][value] for _, h in points], "o-", label=f"{label}, gate off")
             ax.plot(tokens, [100 * h[suite][f"{value} gated"] for _, h in points], "s--",
-                    label=f"{label}, default gate")
+                    label=f"{label}, minConfidence 0.3")
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("%")
     ax.set_title(title, fontsize=9)

@@ -9,7 +9,8 @@ that causal copy of the middle (see `model.training_mask`).
 
 Training runs in stretches (`--minutes`), saving a safetensors checkpoint
 (weights, optimizer moments, step, data position) that the next stretch
-resumes from, since a GPU machine can go away at any time.
+resumes from, so a laptop that sleeps or a rented machine that goes away
+loses at most the steps since the last save.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 `detect_family(config)` names the family of a config.json dict;
 `load_open_model(model_dir, device, progress)` returns a `Backend` for it.
-The lead's `denoiser/loading.py` calls these for non-native configs. Plain
+`denoiser/loading.py` calls these for non-native configs. Plain
 torch at run time: `transformers` is only the test oracle.
 """
 from denoiser.open_models.families import detect_family

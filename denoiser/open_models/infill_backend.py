@@ -3,7 +3,8 @@
 Turns a `FimRequest` into the family's documented infilling layout
 (Dream family: `<bos> prefix <mask>*n suffix <eos>`; LLaDA: `<bos> prefix
 <mask>*n suffix`; Open-dCoder: `prefix <mask>*n suffix`), trims the context
-to the model's window, runs `SpanDecoder` and decodes the span to text.
+to the model's window, runs `SpanDecoder` (with the request's draft, if any,
+checked first) and decodes the span to text.
 
 Bidirectional models have no exact context cache across keystrokes (every
 context key depends on the span and the suffix), so nothing is kept per
@@ -41,7 +42,8 @@ class OpenModelBackend:
         special = tokenizer.special
         never = {t for t in (special.bos,) if t is not None}
         self.decoder = SpanDecoder(model, mask_id=special.mask, stop_ids=special.stops,
-                                   shift_logits=spec.shift_logits, never_emit=frozenset(never))
+                                   shift_logits=spec.shift_logits, never_emit=frozenset(never),
+                                   end_id=special.eos if special.eos in special.stops else None)
 
     def layout(self, request: FimRequest, span_tokens: int) -> tuple[list[int], list[int]]:
         """(head, tail) token ids around the span, trimmed so the whole prompt fits the window."""
@@ -70,13 +72,15 @@ class OpenModelBackend:
             cache_mode=self.cache_mode, refresh_every=self.refresh_every,
         )
         head, tail = self.layout(request, maximum)
-        result = self.decoder.decode(head, tail, settings, is_cancelled)
+        draft = self.tokenizer.encode(request.draft) if request.draft else None
+        result = self.decoder.decode(head, tail, settings, is_cancelled, draft=draft)
         return FillResult(
             text=self.tokenizer.decode(result.tokens),
             tokens=len(result.tokens),
             steps=result.steps,
             context_tokens=len(head) + len(tail),
             reused_context_tokens=0,
+            draft=result.draft,
         )
 
     def forget(self, document: str) -> None:

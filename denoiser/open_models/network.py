@@ -5,7 +5,8 @@ loading writes each checkpoint tensor straight into place). Two entry points:
 
 - `full(ids, rows, kv)`: every position through every layer, fully
   bidirectional attention; optionally records each layer's keys and values
-  (after RoPE) into `kv`. This is the exact computation.
+  (after RoPE) into `kv`. This is the exact computation. It also takes a batch
+  of sequences of one length (without `kv`): a draft's two checkerboard rows.
 - `window(ids, start, rows, kv)`: only the positions [start, start+len(ids))
   are recomputed; they attend to `kv` (the rest of the sequence, as it was at
   the last `full` call) plus their own fresh keys/values, which are written
@@ -94,21 +95,25 @@ class BidirectionalTransformer:
 
     def _qkv(self, layer: LayerWeights, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         s = self.shape
-        t = h.shape[0]
-        q = F.linear(h, layer.q_proj, layer.q_bias).view(t, s.num_heads, s.head_dim).transpose(0, 1)
-        k = F.linear(h, layer.k_proj, layer.k_bias).view(t, s.num_kv_heads, s.head_dim).transpose(0, 1)
-        v = F.linear(h, layer.v_proj, layer.v_bias).view(t, s.num_kv_heads, s.head_dim).transpose(0, 1)
+        lead = h.shape[:-1]  # (T,) or (B, T)
+        q = F.linear(h, layer.q_proj, layer.q_bias).view(*lead, s.num_heads, s.head_dim).transpose(-3, -2)
+        k = F.linear(h, layer.k_proj, layer.k_bias).view(*lead, s.num_kv_heads, s.head_dim).transpose(-3, -2)
+        v = F.linear(h, layer.v_proj, layer.v_bias).view(*lead, s.num_kv_heads, s.head_dim).transpose(-3, -2)
         return self._apply_rope(q, cos, sin), self._apply_rope(k, cos, sin), v
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         s = self.shape
         groups = s.num_heads // s.num_kv_heads
         if groups > 1:
-            k = k.repeat_interleave(groups, dim=0)
-            v = v.repeat_interleave(groups, dim=0)
+            k = k.repeat_interleave(groups, dim=-3)
+            v = v.repeat_interleave(groups, dim=-3)
         # No mask: every position sees every other (bidirectional denoiser).
-        out = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))[0]
-        return out.transpose(0, 1).reshape(q.shape[1], s.num_heads * s.head_dim)
+        batched = q.dim() == 4
+        if not batched:
+            q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        out = out.reshape(*out.shape[:2], s.num_heads * s.head_dim)
+        return out if batched else out[0]
 
     def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         h = self._rms(x, layer.mlp_norm)
@@ -127,8 +132,12 @@ class BidirectionalTransformer:
     # -- entry points ------------------------------------------------------------------
     @torch.no_grad()
     def full(self, ids: torch.Tensor, rows: torch.Tensor | None = None, kv: KVStore | None = None) -> torch.Tensor:
-        """Exact forward pass over a 1-D id tensor; logits (fp32) of `rows` (all rows if None)."""
-        positions = torch.arange(ids.shape[0], device=self.device)
+        """Exact forward pass over ids (T,) or a batch (B, T); logits (fp32) of `rows` (all if None).
+
+        `kv` records one sequence only, so it needs 1-D ids."""
+        if kv is not None and ids.dim() != 1:
+            raise ValueError("kv records one sequence: pass 1-D ids with it")
+        positions = torch.arange(ids.shape[-1], device=self.device)
         cos, sin = self._rope(positions)
         x = self._embed(ids)
         if kv is not None:
@@ -140,7 +149,7 @@ class BidirectionalTransformer:
                 kv.values.append(v.unsqueeze(0))
             x = x + F.linear(self._attend(q, k, v), layer.o_proj)
             x = x + self._mlp(layer, x)
-        return self._logits(x if rows is None else x[rows])
+        return self._logits(x if rows is None else x[..., rows, :])
 
     @torch.no_grad()
     def window(self, ids: torch.Tensor, start: int, kv: KVStore, rows: torch.Tensor | None = None) -> torch.Tensor:

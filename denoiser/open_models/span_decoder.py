@@ -19,6 +19,12 @@ at `initial` tokens; when it is fully decoded without an end token and may
 still grow, `grow_by` fresh masks are appended (before the suffix) and decoding
 continues. The result is cut at the first end token (eos / pad / end-of-text).
 
+Drafts: a proposed span (`denoiser.drafts`) is laid in — its tokens, an end
+token, end tokens after — and every position is scored while masked, in one
+exact pass over two checkerboard rows; the positions whose greedy token is the
+draft's stay, the rest are masked again and the usual steps fill them. A draft
+rejected outright costs that pass and nothing else.
+
 This module knows nothing of text or tokenizers beyond token ids.
 """
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Callable
 import torch
 
 from denoiser.backend import Cancelled
+from denoiser.drafts import DraftCheck, Outcome, checkerboard, draft_positions, judge
 from denoiser.open_models.network import BidirectionalTransformer, KVStore
 
 CACHE_MODES = ("dual", "none")
@@ -55,16 +62,18 @@ class SpanDecodeSettings:
 @dataclass
 class SpanDecodeResult:
     tokens: list[int]   # the span, cut before the first end token
-    steps: int          # forward passes
+    steps: int          # forward passes (a draft's scoring pass counts one)
     full_passes: int    # of which exact full passes
+    draft: Outcome | None = None  # how the model judged the draft; None: no draft
 
 
 class SpanDecoder:
     def __init__(self, model: BidirectionalTransformer, *, mask_id: int, stop_ids: frozenset[int],
-                 shift_logits: bool, never_emit: frozenset[int] = frozenset()) -> None:
+                 shift_logits: bool, never_emit: frozenset[int] = frozenset(), end_id: int | None = None) -> None:
         self.model = model
         self.mask_id = mask_id
         self.stop_ids = stop_ids
+        self.end_id = min(stop_ids) if end_id is None else end_id  # what ends a laid draft
         self.shift = 1 if shift_logits else 0
         self._banned = torch.tensor(sorted({mask_id} | set(never_emit)), dtype=torch.long, device=model.device)
 
@@ -80,17 +89,45 @@ class SpanDecoder:
         logits[:, self._banned] = float("-inf")
         return logits
 
+    def check_draft(self, head: list[int], tail: list[int], draft: list[int], span_len: int) -> DraftCheck:
+        """Score the draft laid into span_len positions while masked, in one pass of two rows."""
+        device = self.model.device
+        laid = torch.tensor(draft_positions(draft, span_len, end_id=self.end_id, pad_id=self.end_id),
+                            dtype=torch.long, device=device)
+        proposed = min(len(draft) + 1, span_len)
+        rows = checkerboard(laid, proposed, self.mask_id)
+        context = torch.tensor(head + tail, dtype=torch.long, device=device).repeat(2, 1)
+        seq = torch.cat([context[:, :len(head)], rows, context[:, len(head):]], dim=1)
+        start = len(head)
+        positions = (torch.arange(start, start + span_len, device=device) - self.shift).clamp(min=0)
+        logits = self.model.full(seq, rows=positions)
+        logits[..., self._banned] = float("-inf")
+        confidence, tokens = torch.softmax(logits, dim=-1).max(dim=-1)
+        return judge(laid, proposed, tokens, confidence, mask_id=self.mask_id, end_id=self.end_id)
+
     def decode(self, head: list[int], tail: list[int], settings: SpanDecodeSettings,
-               is_cancelled: Callable[[], bool] = lambda: False) -> SpanDecodeResult:
+               is_cancelled: Callable[[], bool] = lambda: False, *, draft: list[int] | None = None) -> SpanDecodeResult:
         device = self.model.device
         start = len(head)
         span: list[int] = [self.mask_id] * settings.initial
         steps = full_passes = 0
+        verdict: Outcome | None = None
+        if draft:
+            if is_cancelled():
+                raise Cancelled()
+            # The span is as long as the draft and its end, within the most the request allows.
+            length = min(settings.maximum, max(settings.initial, len(draft) + 1))
+            check = self.check_draft(head, tail, draft, length)
+            verdict = check.outcome
+            if check.start is not None:  # rejected outright: the usual span, as if there were no draft
+                span = list(check.start.span)
+            steps = full_passes = 1
+        spent = steps  # the scoring pass counts against the first block's step budget
         while True:
             seq = torch.tensor(head + span + tail, dtype=torch.long, device=device)
             kv = KVStore() if settings.cache_mode == "dual" else None
             since_refresh = None  # a grown span always starts with a full pass
-            block_steps = 0
+            block_steps, spent = spent, 0
             while True:
                 masked = [i for i, t in enumerate(span) if t == self.mask_id]
                 if not masked or self._finished(span):
@@ -121,7 +158,8 @@ class SpanDecoder:
                 break
             span = span + [self.mask_id] * min(settings.grow_by, settings.maximum - len(span))
         cut = next((i for i, t in enumerate(span) if t in self.stop_ids), len(span))
-        return SpanDecodeResult(tokens=[t for t in span[:cut] if t != self.mask_id], steps=steps, full_passes=full_passes)
+        return SpanDecodeResult(tokens=[t for t in span[:cut] if t != self.mask_id], steps=steps,
+                                full_passes=full_passes, draft=verdict)
 
     def _has_stop(self, span: list[int]) -> bool:
         return any(t in self.stop_ids for t in span)

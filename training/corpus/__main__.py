@@ -9,7 +9,7 @@
 manifest has registry entries.  ``pin`` asks the registries and records
 licence, URL and SHA-256 in the manifest; ``pin-local`` records the
 permissive distributions installed next to this interpreter and its stdlib.
-``shard`` cuts the train split into files small enough to send to a GPU machine.
+``shard`` cuts the train split into files small enough to copy in pieces.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
-"""Split a built corpus into compressed shards small enough to send to a GPU machine.
+"""Split a built corpus into compressed shards, to copy it to another machine in pieces.
 
-A training command there may carry at most 64 MiB of files (issue 3), and the
-corpus's train split is larger. `write_shards` cuts train.jsonl.gz into
+The corpus's train split is one large file. `write_shards` cuts train.jsonl.gz into
 `train-NNN.jsonl.gz` files of at most `max_bytes` each, record by record in
 the corpus's own order, and copies valid.jsonl.gz and stats.json beside them;
 `train_files` lists whichever form a corpus folder holds. Concatenating the

@@ -3,7 +3,7 @@
 -- to a JSON file. It only reports; the assertions live in the Python test.
 --
 -- Configuration comes from environment variables (JSON where structured):
---   PARAFILL_E2E_SCENARIO  'accept' (default) | 'bad_input'
+--   PARAFILL_E2E_SCENARIO  'accept' (default) | 'bad_input' | 'settings'
 --   PARAFILL_E2E_CMD       server command, JSON list
 --   PARAFILL_E2E_SETTINGS  server settings, JSON object
 --   PARAFILL_E2E_FILES     files to open, JSON list (the first is the one typed in)
@@ -222,8 +222,32 @@ local function scenario_bad_input()
   end)()
 end
 
+-- Server settings the server rejects or cannot honour: wait until the model has
+-- loaded or failed, and a moment more for late messages, then report what the user saw.
+local function scenario_settings()
+  parafill.setup({ cmd = cmd, settings = settings })
+  vim.cmd.edit(vim.fn.fnameescape(files[1]))
+  local bufnr = vim.api.nvim_get_current_buf()
+  -- Generous waits: on a busy machine the server can take a while to start; the
+  -- test's own timeout bounds the whole run.
+  local client = wait_for('the parafill client to initialize', function()
+    local c = parafill.clients(bufnr)[1]
+    return c and c.initialized and c
+  end, budget_ms)
+  wait_for('the model to load or fail (parafill/status)', function()
+    local response = request(client, 'parafill/status', {})
+    report.status = response.result
+    local state = type(response.result) == 'table' and response.result.state or nil
+    return state == 'ready' or state == 'error'
+  end, budget_ms)
+  sleep(1000)
+  log('status: ' .. parafill.format_status(report.status))
+end
+
+local scenarios = { accept = scenario_accept, bad_input = scenario_bad_input, settings = scenario_settings }
+
 local co = coroutine.create(function()
-  local ok, err = pcall(scenario == 'bad_input' and scenario_bad_input or scenario_accept)
+  local ok, err = pcall(assert(scenarios[scenario], 'unknown scenario ' .. scenario))
   finish(not ok and tostring(err) or nil)
 end)
 local timer = assert(uv.new_timer())

@@ -94,7 +94,8 @@ export function resolveServerCommand(
   if (chosen.source === 'the default') {
     return {
       message:
-        'The parafill server was not found on PATH. Install it (`pip install parafill`) or set ' +
+        'The parafill server was not found on PATH. Install it from its source folder ' +
+        '(`pipx install /path/to/parafill`, or `pip install /path/to/parafill` in a virtual environment) or set ' +
         '"parafill.pythonPath" to a Python that has it.',
       setting: 'parafill.pythonPath',
     };

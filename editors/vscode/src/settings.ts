@@ -36,8 +36,11 @@ export const SETTINGS: readonly SettingSpec[] = [
   { key: 'confidenceThreshold', type: 'number', server: true, exclusiveMinimum: 0, maximum: 1 },
   { key: 'minConfidence', type: 'number', server: true, minimum: 0, maximum: 1 },
   { key: 'debounceMs', type: 'integer', server: true, minimum: 0, maximum: 10000 },
+  { key: 'latencyBudgetMs', type: 'integer', server: true, minimum: 0, maximum: 60000 },
+  { key: 'threads', type: 'integer', server: true, minimum: 0, maximum: 1024 },
   { key: 'enabledLanguages', type: 'string[]', server: true },
   { key: 'maxSnippets', type: 'integer', server: true, minimum: 0, maximum: 16 },
+  { key: 'repoDrafts', type: 'boolean', server: true },
   { key: 'verboseLogging', type: 'boolean', server: true },
 ];
 

@@ -107,7 +107,7 @@ describe('controller', () => {
     assert.equal(t.clients.length, 0);
     assert.equal(t.notices.length, 1);
     assert.equal(t.notices[0].severity, 'error');
-    assert.match(t.notices[0].message, /not found on PATH.*pip install parafill/);
+    assert.match(t.notices[0].message, /not found on PATH.*pipx install \/path\/to\/parafill/);
     assert.deepEqual(t.opened, ['parafill.pythonPath'], 'the fix action opens the setting');
     assert.equal(t.controller.state, 'failed');
     assert.match(t.host.statusBar.text, /warning/);

@@ -112,7 +112,7 @@ describe('server command', () => {
     const missing = resolveServerCommand(settings, realEnvironment([dir]));
     assert.ok(isProblem(missing));
     assert.equal(missing.setting, 'parafill.pythonPath');
-    assert.match(missing.message, /pip install parafill/);
+    assert.match(missing.message, /pipx install \/path\/to\/parafill/);
     const badPython = resolveServerCommand({ ...settings, pythonPath: '/no/such/python' }, realEnvironment([dir]));
     assert.ok(isProblem(badPython));
     assert.equal(badPython.setting, 'parafill.pythonPath');

@@ -19,7 +19,8 @@ M.defaults = {
   filetypes = nil,
   -- Server settings, camelCase as on the wire (model, device, contextTokens,
   -- spanTokensLine, spanTokensBlock, steps, confidenceThreshold, minConfidence,
-  -- debounceMs, enabledLanguages, maxSnippets, verboseLogging).
+  -- debounceMs, latencyBudgetMs, threads, enabledLanguages, maxSnippets, repoDrafts,
+  -- verboseLogging).
   settings = {},
   -- Show suggestions as ghost text (needs Neovim >= 0.12).
   inline = true,
@@ -131,9 +132,10 @@ function M.check_executable()
     return true
   end
   return false,
-    ('server command %q not found. Install parafill (`pip install parafill`, then check'
-      .. ' `parafill serve --help` works in this shell) or point the plugin at it:'
-      .. " require('parafill').setup{ cmd = { '/path/to/python', '-m', 'lsp_server', 'serve' } }")
+    ('server command %q not found. Install parafill from its source folder'
+      .. ' (`pipx install /path/to/parafill`, or `pip install /path/to/parafill` in a virtual environment;'
+      .. ' then check `parafill serve --help` works in this shell) or point the plugin at it:'
+      .. " require('parafill').setup{ cmd = { '/path/to/venv/bin/parafill', 'serve' } }")
       :format(cmd[1])
 end
 
@@ -300,6 +302,11 @@ function M.format_status(status)
     ('device %s'):format(tostring(value(status.device) or '?')),
     ('state %s'):format(tostring(value(status.state) or '?')),
   }
+  -- A model adapted to the repository (`parafill adapt`) may have answered instead.
+  local answered = value(status.answeredBy)
+  if answered and answered ~= '' and answered ~= value(status.model) then
+    table.insert(parts, ('last answer from the model adapted to this repository (%s)'):format(tostring(answered)))
+  end
   if latency.p50 then
     table.insert(parts, ('latency p50 %s ms, p90 %s ms, p99 %s ms'):format(
       tostring(latency.p50), tostring(latency.p90 or '?'), tostring(latency.p99 or '?')))

@@ -1,0 +1,316 @@
+"""Drafts from the user's own code: continuations copied from lines seen elsewhere.
+
+Code repeats itself (a call shape used three functions up, the same guard in
+every method). `DraftIndex` keeps the lines of the user's code (open documents
+and the files of the workspace folders) and, for a request, proposes the text
+that followed the same start elsewhere:
+
+- rest of a line: the cursor line's text before the cursor (stripped, at least
+  `MIN_EVIDENCE` characters) is looked up among indexed lines that start with
+  it; the draft is the rest of the matched line;
+- whole lines (block): the previous non-empty line is looked up among indexed
+  lines equal to it; the draft is the lines that followed it, up to the end of
+  their block, re-indented to the cursor.
+
+Candidates rank by how many lines before them also match the lines before the
+cursor, then by how often they occur. A draft is cut where it runs into text the
+document already has after the cursor, and the cursor line of the requesting
+document never drafts itself.
+
+The denoiser checks every draft (`denoiser.native_backend`): a draft is only a
+proposal. Memory is bounded by `max_bytes`; documents are replaced whole
+(`update`), so an edit costs one pass over that document. Pure Python: no
+tokens, no I/O (the caller reads files, see `fim.repo_files`).
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+MIN_EVIDENCE = 4  # characters before the cursor a rest-of-line draft needs
+MAX_BLOCK_LINES = 6  # lines a whole-line draft proposes at most
+MAX_CONTEXT_LINES = 6  # preceding lines compared when ranking
+MAX_OCCURRENCES = 64  # occurrences of one line looked at when ranking (common lines are common)
+MAX_LINE_CHARS = 400  # longer lines are not indexed (data, not code)
+LINE_OVERHEAD_BYTES = 80  # what one indexed line costs besides its text (list slot, dict entries)
+HEAD = 4  # characters of a stripped line that key the prefix lookup
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A proposed continuation: `text` goes at the cursor; `source` names where it came from."""
+
+    text: str
+    source: str
+    line: int  # 0-based line of the source the draft starts on
+    matched_lines: int  # lines before it that also matched the lines before the cursor
+    occurrences: int
+
+
+class _Document:
+    __slots__ = ("lines", "stripped", "bytes", "pinned")
+
+    def __init__(self, text: str, pinned: bool):
+        self.lines = text.split("\n")
+        self.stripped = [line.strip() if len(line) <= MAX_LINE_CHARS else "" for line in self.lines]
+        self.bytes = len(text) + LINE_OVERHEAD_BYTES * len(self.lines)
+        self.pinned = pinned
+
+
+class DraftIndex:
+    """Lines of the user's code, by document name; safe to use from several threads.
+
+    Open documents are `pinned`: they are evicted last, and a workspace file
+    read from disk never replaces an open document's text (`update(...,
+    pinned=False)` is ignored for a name that is open).
+    """
+
+    def __init__(self, max_bytes: int = 64 << 20):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._lock = threading.Lock()
+        self._docs: OrderedDict[str, _Document] = OrderedDict()
+        self._exact: dict[str, dict[str, list[int]]] = {}  # stripped line -> document -> line numbers
+        self._heads: dict[str, set[str]] = {}  # first HEAD characters -> stripped lines
+
+    # --- contents -----------------------------------------------------------------
+    def __contains__(self, name: str) -> bool:
+        return name in self._docs
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    def is_pinned(self, name: str) -> bool:
+        doc = self._docs.get(name)
+        return doc is not None and doc.pinned
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._docs)
+
+    def update(self, name: str, text: str, *, pinned: bool = False) -> None:
+        """Index `text` as document `name` (replacing what it held); pinned: an open document."""
+        with self._lock:
+            old = self._docs.get(name)
+            if old is not None:
+                if old.pinned and not pinned:
+                    return  # the editor's text wins over the file on disk
+                if old.pinned == pinned and "\n".join(old.lines) == text:
+                    self._docs.move_to_end(name)
+                    return
+                self._remove(name)
+            doc = _Document(text, pinned)
+            if doc.bytes > self.max_bytes:
+                return
+            self._docs[name] = doc
+            self.bytes += doc.bytes
+            for number, key in enumerate(doc.stripped):
+                if key:
+                    self._exact.setdefault(key, {}).setdefault(name, []).append(number)
+                    self._heads.setdefault(key[:HEAD], set()).add(key)
+            self._evict(keep=name)
+
+    def unpin(self, name: str) -> None:
+        """The document closed: its text stays, as a file's would, until the disk's replaces it."""
+        with self._lock:
+            doc = self._docs.get(name)
+            if doc is not None:
+                doc.pinned = False
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            if name in self._docs:
+                self._remove(name)
+
+    def remove_under(self, prefix: str) -> None:
+        """Forget every unpinned document whose name starts with `prefix` (a folder left the workspace)."""
+        with self._lock:
+            for name in [n for n, d in self._docs.items() if n.startswith(prefix) and not d.pinned]:
+                self._remove(name)
+
+    def _remove(self, name: str) -> None:
+        doc = self._docs.pop(name)
+        self.bytes -= doc.bytes
+        for key in set(doc.stripped):
+            if not key:
+                continue
+            where = self._exact.get(key)
+            if where is None:
+                continue
+            where.pop(name, None)
+            if not where:
+                del self._exact[key]
+                heads = self._heads.get(key[:HEAD])
+                if heads is not None:
+                    heads.discard(key)
+                    if not heads:
+                        del self._heads[key[:HEAD]]
+
+    def _evict(self, keep: str) -> None:
+        # Files read from disk go first (oldest first), open documents last.
+        for pinned in (False, True):
+            for name in [n for n, d in self._docs.items() if d.pinned == pinned]:
+                if self.bytes <= self.max_bytes:
+                    return
+                if name != keep:
+                    self._remove(name)
+
+    # --- drafts -------------------------------------------------------------------
+    def draft(self, name: str, text: str, offset: int, mode: str) -> Draft | None:
+        """The best draft at character `offset` of `text` (document `name`), for span mode "line" or "block"."""
+        start = text.rfind("\n", 0, offset) + 1
+        end = text.find("\n", offset)
+        end = len(text) if end < 0 else end
+        before_line, after_line = text[start:offset], text[offset:end]
+        cursor_line = text.count("\n", 0, start)
+        previous = text[:start].split("\n")[:-1]
+        if mode == "line":
+            evidence = before_line.lstrip()
+            if len(evidence) < MIN_EVIDENCE:
+                return None
+            found = self._rest_of_line(name, cursor_line, evidence, previous)
+            if found is None:
+                return None
+            return _cut_line(found, after_line)
+        before = [line.strip() for line in previous if line.strip()]
+        if before_line.strip():
+            # The cursor ends a line that opens a block: that line is the anchor, the draft starts a new line.
+            before.append(before_line.strip())
+            anchor_line, anchor_at, typed, lead = before_line, cursor_line, "", "\n"
+        elif before:
+            anchor_at = max(i for i, line in enumerate(previous) if line.strip())
+            anchor_line, typed, lead = previous[anchor_at], before_line, ""
+        else:
+            return None
+        found = self._next_lines(name, anchor_at, before, anchor_line, typed, lead)
+        if found is None:
+            return None
+        following = text[end + 1:].split("\n", 40)[:40] if end < len(text) else []
+        return _cut_block(found, after_line, following)
+
+    def _rest_of_line(self, name, cursor_line, evidence, previous) -> Draft | None:
+        wanted = [line.strip() for line in previous if line.strip()][-MAX_CONTEXT_LINES:]
+        with self._lock:
+            by_text: dict[str, list] = {}  # proposed rest -> [best context score, count, document, line]
+            for key in self._heads.get(evidence[:HEAD], ()):
+                if len(key) <= len(evidence) or not key.startswith(evidence):
+                    continue
+                for doc_name, line in self._occurrences(key, name, cursor_line):
+                    score = self._context_score(doc_name, line, wanted)
+                    entry = by_text.setdefault(key[len(evidence):], [-1, 0, doc_name, line])
+                    entry[1] += 1
+                    if score > entry[0]:
+                        entry[0], entry[2], entry[3] = score, doc_name, line
+        if not by_text:
+            return None
+        # Most context first, then most frequent, then shortest (the common part of a family of lines).
+        rest, (score, count, doc_name, line) = max(by_text.items(), key=lambda kv: (kv[1][0], kv[1][1], -len(kv[0])))
+        return Draft(rest, doc_name, line, score, count)
+
+    def _next_lines(self, name, anchor_at, before, anchor_line, typed, lead) -> Draft | None:
+        with self._lock:
+            by_text: dict[str, list] = {}
+            for doc_name, line in self._occurrences(before[-1], name, anchor_at):
+                lines = self._block_after(doc_name, line)
+                if not lines:
+                    continue
+                score = self._context_score(doc_name, line, before[:-1][-MAX_CONTEXT_LINES:])
+                entry = by_text.setdefault("\n".join(lines), [0, 0, doc_name, line, lines])
+                entry[1] += 1
+                if score > entry[0]:
+                    entry[0], entry[2], entry[3] = score, doc_name, line
+            best = max(by_text.values(), key=lambda e: (e[0], e[1]), default=None)
+            if best is None:
+                return None
+            score, count, doc_name, line, lines = best
+            source_anchor = _indent(self._docs[doc_name].lines[line])
+        # Re-indent: the draft's first line sits where the source's sat relative to its anchor line.
+        first_indent = _indent(lines[0])
+        target = typed or _shift(first_indent, source_anchor, _indent(anchor_line))
+        out = []
+        for i, source_line in enumerate(lines):
+            indent = _shift(_indent(source_line), first_indent, target)
+            out.append((indent[len(typed):] if i == 0 else indent) + source_line.strip())
+        return Draft(lead + "\n".join(out), doc_name, line + 1, score, count)
+
+    def _occurrences(self, key, name, own_line):
+        """(document, line) where stripped line `key` occurs, line `own_line` of the requester left out."""
+        found = []
+        for doc_name, numbers in self._exact.get(key, {}).items():
+            for number in numbers:
+                if doc_name == name and number == own_line:
+                    continue
+                found.append((doc_name, number))
+                if len(found) >= MAX_OCCURRENCES:
+                    return found
+        return found
+
+    def _context_score(self, doc_name: str, line: int, wanted: list[str]) -> int:
+        """How many of the lines before `line` (non-empty, stripped) equal `wanted`, from the nearest back."""
+        stripped = self._docs[doc_name].stripped
+        score, i = 0, line - 1
+        for expected in reversed(wanted):
+            while i >= 0 and not stripped[i]:
+                i -= 1
+            if i < 0 or stripped[i] != expected:
+                break
+            score += 1
+            i -= 1
+        return score
+
+    def _block_after(self, doc_name: str, line: int) -> list[str]:
+        """The lines after `line` up to the end of their block (a blank line or a dedent), at most MAX_BLOCK_LINES."""
+        lines = self._docs[doc_name].lines
+        out: list[str] = []
+        first_indent = None
+        for source in lines[line + 1: line + 1 + MAX_BLOCK_LINES]:
+            if not source.strip() or len(source) > MAX_LINE_CHARS:
+                break
+            indent = len(_indent(source))
+            if first_indent is None:
+                first_indent = indent
+            elif indent < first_indent:
+                break
+            out.append(source.rstrip())
+        return out
+
+
+def _indent(line: str) -> str:
+    return line[: len(line) - len(line.lstrip())]
+
+
+def _shift(indent: str, old_base: str, new_base: str) -> str:
+    """`indent` moved from under `old_base` to under `new_base` (same relative depth)."""
+    if indent.startswith(old_base):
+        return new_base + indent[len(old_base):]
+    cut = len(old_base) - len(indent)
+    return new_base[: max(0, len(new_base) - cut)]
+
+
+def _cut_line(draft: Draft, after_line: str) -> Draft | None:
+    """The rest-of-line draft stops where the cursor line's own rest begins ("a, b)" before ")" → "a, b")."""
+    rest = after_line.strip()
+    text = draft.text
+    if rest:
+        at = text.rfind(rest)
+        if at < 0:
+            return None  # it would not end where the line already does
+        text = text[:at]
+    text = text.rstrip()
+    return Draft(text, draft.source, draft.line, draft.matched_lines, draft.occurrences) if text else None
+
+
+def _cut_block(draft: Draft, after_line: str, following: list[str]) -> Draft | None:
+    """A block draft stops at the first line the document already has after the cursor."""
+    if after_line.strip():
+        return None
+    upcoming = next((line.strip() for line in following if line.strip()), None)
+    lines = draft.text.split("\n")
+    if upcoming is not None:
+        for i, line in enumerate(lines):
+            if line.strip() == upcoming:
+                lines = lines[:i]
+                break
+    text = "\n".join(lines).rstrip()
+    return Draft(text, draft.source, draft.line, draft.matched_lines, draft.occurrences) if text.strip() else None

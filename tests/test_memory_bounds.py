@@ -1,0 +1,218 @@
+"""Memory that stays flat: nothing is kept per closed document, every cache is bounded in bytes.
+
+The whole server over a long run is `tests/test_soak_fuzz.py::test_memory_stays_flat_while_files_come_and_go`
+(and `parafill bench --soak N`); these check each holder on its own.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from denoiser.backend import DecodeSettings, FillResult
+from denoiser.batching import SpanBatcher
+from denoiser.config import ModelConfig
+from denoiser.engine import Engine
+from denoiser.kv_cache import ContextKVCache, kv_bytes
+from denoiser.model import KVBuffers, SpanDenoiser
+from fim import snippets
+from fim.request import FimRequest, SpanPlan
+from lsp_server.server import create_server
+from lsp_server.worker import Supersession
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_positions=512)
+    model = SpanDenoiser(config)
+    model.init_weights(torch.Generator().manual_seed(0))
+    return model.eval()
+
+
+# --- the protocol: a handled notification leaves nothing behind ------------------------------
+def test_notifications_leave_no_future_behind():
+    protocol = create_server().protocol
+    done = []
+
+    def fails(params):  # what pygls raises for an edit to a closed document
+        raise KeyError(params["uri"])
+
+    def builtin(params):  # pygls's own didOpen/didChange/didClose handlers are generators like this
+        yield fails, (params,), None
+
+    async def coroutine(params):
+        return None
+
+    for i in range(50):
+        big_edit = {"uri": f"file:///closed{i}.py", "text": "x" * 100_000}
+        protocol._execute_handler(f"note-{i}", builtin, done.append, args=(big_edit,))
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        protocol._execute_handler("async-note", coroutine, done.append, args=({},))
+        loop.run_until_complete(asyncio.sleep(0.01))
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+    assert len(done) == 51 and all(f.done() for f in done)
+    assert isinstance(done[0].exception(), KeyError)
+    # Before: one future per notification stayed, a failed one with its traceback and edit text.
+    assert protocol._request_futures == {}
+
+
+# --- supersession: a closed document leaves no counters -------------------------------------
+def test_closing_drops_a_documents_counters_and_a_reopened_document_starts_clean():
+    board = Supersession()
+    board.edited("a")
+    old = board.begin("a", "inline")
+    board.closed("a")
+    assert old.is_cancelled()
+    assert board.edits == {} and board.requests == {}
+    # Reopened: fresh numbers, so the old ticket stays off and the new one is on.
+    board.edited("a")
+    new = board.begin("a", "inline")
+    assert old.is_cancelled() and not new.is_cancelled()
+    for i in range(1000):
+        board.edited(f"file:///f{i}.py")
+        board.begin(f"file:///f{i}.py", "inline")
+        board.closed(f"file:///f{i}.py")
+    assert list(board.edits) == ["a"] and list(board.requests) == [("a", "inline")]
+
+
+# --- the context K/V cache: bounded in bytes -------------------------------------------------
+def test_context_cache_is_bounded_in_bytes_least_recent_out(model):
+    one = 2 * model.config.n_layers * model.config.n_heads * 64 * model.config.head_dim * 4  # 64 fp32 positions
+    cache = ContextKVCache(model, max_documents=100, max_bytes=3 * one, capacity_step=64)
+    for name in "abcd":
+        cache.prepare(name, [7, 8, 9])
+        assert cache.bytes <= 3 * one
+    assert "a" not in cache and all(name in cache for name in "bcd")
+    # A context longer than the bound alone is still served: it is the one kept.
+    slot = cache.prepare("long", [6 + i % 50 for i in range(200)])
+    assert kv_bytes(slot.kv) > 3 * one and len(cache) == 1 and "long" in cache
+    assert cache.bytes == kv_bytes(slot.kv)
+
+
+# --- the engine's caches: bounded in bytes; typed-ahead dropped on close ----------------------
+class ScriptedBackend:
+    """Answers every request with a fixed text (the engine's caches are what is tested)."""
+
+    name, device, parameters = "scripted", torch.device("cpu"), 0
+
+    def __init__(self):
+        self.calls = 0
+
+    def fill(self, request, decode, *, document, is_cancelled):
+        self.calls += 1
+        return FillResult(text="(a + b)", tokens=3, steps=1, context_tokens=10, reused_context_tokens=0)
+
+    def forget(self, document):
+        pass
+
+
+def request(prefix: str) -> FimRequest:
+    return FimRequest("# path: x.py\n", prefix, "\n", SpanPlan("line", 16), language="python", path="x.py")
+
+
+def test_completion_cache_is_bounded_in_bytes_not_entries():
+    engine = Engine(ScriptedBackend(), cache_bytes=1 << 20)
+    for i in range(64):  # each context holds ~40 KB of text: a cache of entries would keep them all
+        engine.complete(request(f"x{i} = " + "y" * 40_000), document=f"d{i % 4}")
+    caches = engine.status()["caches"]
+    held = caches["completion_cache"]
+    assert held["max_bytes"] == 1 << 20 and 0 < held["bytes"] <= 1 << 20
+    assert 10 < held["entries"] < 64
+    assert caches["typed_ahead"]["entries"] == 4 and caches["typed_ahead"]["bytes"] > 4 * 40_000
+    # A context bigger than the whole cache is answered, and not kept.
+    engine.complete(request("z" * (2 << 20)), document="d0")
+    assert engine.cache_stats()["completion_cache"]["bytes"] <= 1 << 20
+
+
+def test_typed_ahead_state_goes_with_the_document_even_when_a_request_outlives_the_close():
+    backend = ScriptedBackend()
+    engine = Engine(backend)
+    engine.complete(request("def add(a, b):\n    return"), document="a")
+    assert engine.cache_stats()["typed_ahead"]["entries"] == 1
+    engine.forget("a")
+    assert engine.cache_stats()["typed_ahead"]["entries"] == 0
+    # A request whose document closed while it ran (its ticket is off by then) leaves nothing.
+    closed = threading.Event()
+
+    def closes_while_running():
+        return closed.is_set()
+
+    class ClosingBackend(ScriptedBackend):
+        concurrent_fill = True  # called without the engine's lock, as the native backend is
+
+        def fill(self, request, decode, *, document, is_cancelled):
+            result = super().fill(request, decode, document=document, is_cancelled=is_cancelled)
+            closed.set()  # the close (and its forget) happen before the engine records the answer
+            engine.forget(document)
+            return result
+
+    engine.backend = ClosingBackend()
+    engine.complete(request("def mul(a, b):\n    return"), document="b", is_cancelled=closes_while_running)
+    assert engine.cache_stats()["typed_ahead"]["entries"] == 0
+
+
+# --- the batcher's pooled rows: freed once no request uses them -------------------------------
+def test_pooled_rows_are_freed_when_the_batch_is_gone(model):
+    batcher = SpanBatcher(model, device="cpu", dtype=torch.float32, vocab_limit=61, pool_bytes=0)
+    contexts = []
+    for seed, length in enumerate((20, 30, 40)):
+        ids = torch.randint(6, 60, (1, length), generator=torch.Generator().manual_seed(seed))
+        kv = KVBuffers.allocate(model.config, 1, 64, "cpu", torch.float32)
+        model.prefill(ids, kv, 0)
+        contexts.append((kv, length))
+    peak = []
+    gate = threading.Event()
+
+    def first_waits():  # the first request holds its first step until the others queue up
+        if not gate.is_set():
+            gate.set()
+            deadline = time.monotonic() + 10
+            while batcher.pending < 2 and time.monotonic() < deadline:
+                time.sleep(0.001)
+        peak.append(batcher.pool_stats()["bytes"])
+        return False
+
+    decode = DecodeSettings(steps=4, confidence_threshold=1.0)
+    threads = [threading.Thread(target=batcher.denoise, args=(kv, n, 16, decode, first_waits if i == 0 else (lambda: False)))
+               for i, (kv, n) in enumerate(contexts)]
+    threads[0].start()
+    assert gate.wait(10)
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert batcher.stats()["max_batch"] == 3 and max(peak) > 0  # the three shared steps in pooled rows
+    assert batcher.pool_stats() == {"entries": 0, "bytes": 0, "max_bytes": 0}
+
+
+# --- snippets: both caches bounded in bytes ----------------------------------------------------
+def test_snippet_caches_are_bounded_in_bytes(monkeypatch):
+    monkeypatch.setattr(snippets, "_WINDOWS", snippets.ByteBoundedCache(1000, 2 << 20))
+    monkeypatch.setattr(snippets, "_SELECTED", snippets.ByteBoundedCache(1000, 2 << 20))
+    query = "def fetch_user(session, user_id):\n    response = session.get(user_id)\n"
+    for i in range(40):  # 40 versions of a 100 KB document, as typing in it makes them
+        text = f"# version {i}\n" + "def fetch_order(session, order_id):\n    return session.get(order_id)\n" * 1400
+        snippets.select_snippets(query, [("other.py", text)])
+    stats = snippets.cache_stats()
+    windows, choices = stats["snippet_windows"], stats["snippet_choices"]
+    assert 0 < windows["bytes"] <= 2 << 20 and windows["entries"] < 40, stats
+    # The choices are keyed by each text's length and hash: 40 of them hold less than one text.
+    assert choices["entries"] == 40 and choices["bytes"] < 100_000, stats
+
+
+def test_byte_bounded_cache_drops_least_recent_first_and_skips_what_cannot_fit():
+    cache = snippets.ByteBoundedCache(max_entries=10, max_bytes=100)
+    for key in "abc":
+        cache.put(key, key.upper(), 40)
+    assert cache.get("a") is None and cache.get("b") == "B" and cache.stats()["bytes"] == 80
+    cache.put("d", "D", 40)  # "c" is now the least recent ("b" was just read)
+    assert cache.get("c") is None and cache.get("b") == "B"
+    cache.put("huge", "H", 101)
+    assert cache.get("huge") is None and cache.stats() == {"entries": 2, "bytes": 80, "max_bytes": 100}
