@@ -71,8 +71,8 @@ def time_variant(args, precision: str, compile_loss: bool) -> dict:
 
     from denoiser.config import ModelConfig
     from denoiser.model import SpanDenoiser
-    from training.loop import TrainSettings, collate, losses
-    from training.step import autocast, compiled, step_flops
+    from training.loop import TrainSettings, collate, losses, optimizer_step
+    from training.step import compiled, step_flops
 
     config = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                          d_ff=args.d_ff, max_positions=4096, context_tokens=args.context_tokens)
@@ -90,13 +90,7 @@ def time_variant(args, precision: str, compile_loss: bool) -> dict:
         examples = random_examples(rng, args.batch_size, args.context_tokens, span, args.vocab)
         batch = collate(examples, span, noise, device, region=args.context_tokens + span)
         started = time.perf_counter()
-        with autocast(device, precision):
-            mdlm, ar = loss_fn(model, batch, settings, noise)
-            loss = mdlm + settings.ar_weight * ar
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        optimizer_step(model, optimizer, batch, settings, noise, precision, loss_fn)
         elapsed = time.perf_counter() - started
         tokens = sum(len(e.context) + len(e.middle) for e in examples) + len(examples) * span
         flops = step_flops(config, len(examples), args.context_tokens + 2 * span, 2 * span + args.ar_positions)

@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from training.loop import TrainSettings, collate, losses
-from training.step import autocast, resolve_precision
+from training.loop import TrainSettings, collate, optimizer_step
+from training.step import resolve_precision
 from training.train_data import SPAN_CHOICES, ExampleStream, fit_span
 
 
@@ -45,15 +45,9 @@ class Adapter:
             warm = min(1.0, (self.steps + 1) / max(1, self.settings.warmup_steps))
             for group in self.optimizer.param_groups:
                 group["lr"] = self.settings.lr * warm
-            with autocast(self.device, self.precision):
-                mdlm, ar = losses(self.model, batch, self.settings, self.noise)
-                loss = mdlm + self.settings.ar_weight * ar
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-            self.optimizer.step()
+            mdlm, ar = optimizer_step(self.model, self.optimizer, batch, self.settings, self.noise, self.precision)
             self.steps += 1
             self.tokens += sum(len(e.context) + len(e.middle) for e in examples) + len(examples) * span
-            total, count = total + float(loss.detach()), count + 1
+            total, count = total + float(mdlm.detach() + self.settings.ar_weight * ar.detach()), count + 1
         self.model.eval()
         return total / count

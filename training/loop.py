@@ -115,6 +115,19 @@ def losses(model: SpanDenoiser, batch: dict, settings: TrainSettings, rng: torch
     return mdlm, ar
 
 
+def optimizer_step(model, optimizer, batch: dict, settings: TrainSettings, noise: torch.Generator,
+                   precision: str, loss_fn=losses) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of both losses: forward under the precision's autocast, backward, clip, update."""
+    with autocast(batch["ids"].device, precision):
+        mdlm, ar = loss_fn(model, batch, settings, noise)
+        loss = mdlm + settings.ar_weight * ar
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return mdlm, ar
+
+
 def lr_at(step: int, s: TrainSettings) -> float:
     if step < s.warmup_steps:
         return s.lr * (step + 1) / s.warmup_steps
@@ -239,13 +252,7 @@ def run(args) -> None:
             batch = collate(examples, span, noise, device, region=settings.context_tokens + span)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, settings)
-            with autocast(device, precision):
-                mdlm, ar = loss_fn(model, batch, settings, noise)
-                loss = mdlm + settings.ar_weight * ar
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            mdlm, ar = optimizer_step(model, optimizer, batch, settings, noise, precision, loss_fn)
             step += 1
             tokens += sum(len(e.context) + len(e.middle) for e in examples) + len(examples) * span
             flops += step_flops(config, len(examples), settings.context_tokens + 2 * span,
