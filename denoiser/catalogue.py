@@ -152,7 +152,7 @@ def parse_model_name(text: str) -> ModelRef | None:
 
 
 def family_of_config(config: dict) -> str | None:
-    """The family a config.json names, or None; the same rule as `detect_family`, without torch."""
+    """The family a config.json names, or None (`detect_family` of the open models uses it; no torch here)."""
     if config.get("architecture") == "parafill-span-denoiser":
         return NATIVE
     model_type = str(config.get("model_type", "")).lower()

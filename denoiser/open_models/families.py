@@ -26,10 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from denoiser.backend import ModelLoadError
-
-DREAM = "dream"
-LLADA = "llada"
-OPEN_DCODER = "open-dcoder"
+from denoiser.catalogue import DREAM, LLADA, OPEN_DCODER, family_of_config
 
 LLADA_DEFAULT_MASK_ID = 126336
 
@@ -136,16 +133,11 @@ SUPPORTED = "Dream / Dream-Coder / DiffuCoder (model_type 'Dream'), LLaDA (model
 
 def detect_family(config: dict) -> str:
     """Name the family of a config.json dict ("dream", "llada", "open-dcoder"), or raise ModelLoadError."""
-    model_type = str(config.get("model_type", "")).lower()
-    architectures = [str(a).lower() for a in config.get("architectures") or []]
-    if model_type == "dream" or any(a.startswith("dream") for a in architectures):
-        return DREAM
-    if model_type == "llada" or any(a.startswith("llada") for a in architectures):
-        return LLADA
-    if model_type == "qwen2" or "qwen2forcausallm" in architectures:
-        # A Qwen2 checkpoint is only usable if it was trained as a masked diffusion
-        # model (Open-dCoder); the loader checks the tokenizer has a mask token.
-        return OPEN_DCODER
+    # A Qwen2 checkpoint is only usable if it was trained as a masked diffusion model
+    # (Open-dCoder); the loader checks the tokenizer has a mask token.
+    family = family_of_config(config)
+    if family in (DREAM, LLADA, OPEN_DCODER):
+        return family
     raise ModelLoadError(
         f"unsupported architecture (model_type={config.get('model_type')!r}, "
         f"architectures={config.get('architectures')!r}); parafill runs {SUPPORTED}. "
