@@ -153,9 +153,10 @@ def load_engine(model: str | None, device: str):
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from lsp_server.memory import limit_malloc_arenas
+    from lsp_server.memory import fix_mmap_threshold, limit_malloc_arenas
 
     limit_malloc_arenas()  # before any thread starts (lsp_server/memory.py says why)
+    fix_mmap_threshold()
     from lsp_server.server import create_server
 
     create_server(args.model, args.device).start_io()
