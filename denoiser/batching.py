@@ -37,8 +37,9 @@ from denoiser.model import KVBuffers
 from denoiser.sampler import (NEVER_WRITTEN, SpanResult, SpanStart, budget_cut_result, result_if_finished,
                               scored_confidence)
 
-# Pooled context rows grow in steps of this many positions (few reallocations).
-CAPACITY_STEP = 1024
+# Pooled context rows grow in steps of this many positions: few reallocations, and a
+# batch of the few hundred tokens the server sends holds no rows sized for thousands.
+CAPACITY_STEP = 256
 DEFAULT_MAX_BATCH = 16
 # Pooled rows left with no request are kept for the next batch while all pools together
 # stay under this many bytes, and freed otherwise (a batch of 16 long contexts once must
@@ -329,7 +330,13 @@ class SpanBatcher:
                     self._driving = False
                     self._cond.notify_all()
         if job.error is not None:
-            raise job.error
+            # Raised from this frame, the error's traceback holds `job`: unlinked, they make no
+            # cycle, and a cancelled request's tensors go when its error does.
+            error, job.error = job.error, None
+            try:
+                raise error
+            finally:
+                error = None
         return job.result
 
     def _new_job(self, kv, ctx_len, span_len, decode, is_cancelled, start: SpanStart | None = None) -> SpanJob:

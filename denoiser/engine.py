@@ -32,7 +32,7 @@ Fill = Callable[[Backend, FimRequest], FillResult]
 
 # What the engine's own caches may hold, in bytes: an entry keeps the whole context
 # the model saw (up to the contextTokens setting), so a count of entries says little.
-COMPLETION_CACHE_BYTES = 16 << 20
+COMPLETION_CACHE_BYTES = 8 << 20
 TYPED_AHEAD_BYTES = 4 << 20
 ENTRY_OVERHEAD_BYTES = 512  # the tuples, dataclasses and cache links around an entry's text
 

@@ -176,6 +176,12 @@ class ParafillProtocol(LanguageServerProtocol):
             if self._request_futures.get(msg_id) is future:
                 self._request_futures.pop(msg_id, None)
             callback(future)
+            # Answered or reported: the error's traceback (frames holding the message's
+            # params) would otherwise stay in a reference cycle until a full collection.
+            error = None if future.cancelled() else future.exception()
+            while error is not None:
+                error.__traceback__ = None
+                error = error.__cause__ or error.__context__
 
         return super()._execute_handler(msg_id, handler, done, args, kwargs)
 

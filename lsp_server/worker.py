@@ -337,6 +337,11 @@ class ModelWorker:
         except WorkerCrashed as exc:
             self._restart(str(exc), pool)
             raise
+        finally:
+            # A job's exception (a superseded completion's, say) carries a traceback through
+            # this frame, and `future` holds that exception: a cycle that only a full garbage
+            # collection would break, keeping the job's frames, tensors and text until then.
+            future = None
 
     def _restart(self, reason: str, pool: Literal["ordered", "fills"]) -> None:
         """Replace the threads of `pool`; the engine (plain objects and tensors) survives."""

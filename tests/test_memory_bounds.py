@@ -6,13 +6,15 @@ The whole server over a long run is `tests/test_soak_fuzz.py::test_memory_stays_
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 
 import pytest
 import torch
 
-from denoiser.backend import DecodeSettings, FillResult
+from denoiser.backend import Cancelled, DecodeSettings, FillResult
 from denoiser.batching import SpanBatcher
 from denoiser.config import ModelConfig
 from denoiser.engine import Engine
@@ -21,7 +23,7 @@ from denoiser.model import KVBuffers, SpanDenoiser
 from fim import snippets
 from fim.request import FimRequest, SpanPlan
 from lsp_server.server import create_server
-from lsp_server.worker import Supersession
+from lsp_server.worker import ModelWorker, Superseded, Supersession
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +63,51 @@ def test_notifications_leave_no_future_behind():
     assert isinstance(done[0].exception(), KeyError)
     # Before: one future per notification stayed, a failed one with its traceback and edit text.
     assert protocol._request_futures == {}
+    # Reported, the error lets go of its traceback (whose frames hold the edit's text).
+    assert done[0].exception().__traceback__ is None
+
+
+class Held:
+    """Something a piece of work holds (a stand-in for its tensors and text)."""
+
+
+def test_a_superseded_completion_leaves_no_reference_cycle():
+    # With the garbage collector off, only reference counting frees: what a cycle holds stays.
+    worker, held = ModelWorker(), []
+
+    def job(engine, *, is_cancelled):
+        payload = Held()
+        held.append(weakref.ref(payload))
+        raise Cancelled("superseded between steps")
+
+    gc.disable()
+    try:
+        async def ask():
+            try:
+                await worker.run(Supersession().begin("a", "inline"), job)
+            except Superseded:
+                return "superseded"
+
+        assert asyncio.run(ask()) == "superseded"
+        assert held[0]() is None  # before: the job's frames stayed until a full collection
+    finally:
+        gc.enable()
+        worker.shutdown()
+
+
+def test_a_cancelled_span_leaves_no_reference_cycle(model):
+    batcher = SpanBatcher(model, device="cpu", dtype=torch.float32, vocab_limit=61)
+    kv = KVBuffers.allocate(model.config, 1, 64, "cpu", torch.float32)
+    model.prefill(torch.tensor([[7, 8, 9, 10]]), kv, 0)
+    buffer = weakref.ref(kv.k)
+    gc.disable()
+    try:
+        with pytest.raises(Cancelled):
+            batcher.denoise(kv, 4, 16, DecodeSettings(steps=4), lambda: True)
+        del kv
+        assert buffer() is None  # before: the request's error held its K/V through a cycle
+    finally:
+        gc.enable()
 
 
 # --- supersession: a closed document leaves no counters -------------------------------------
