@@ -22,7 +22,7 @@ from denoiser.backend import Cancelled, DecodeSettings, FillResult, resolve_devi
 from denoiser.batching import DEFAULT_MAX_BATCH, SpanBatcher
 from denoiser.checkpoint import load_native_model
 from denoiser.context_layout import context_ids
-from denoiser.drafts import check_draft
+from denoiser.drafts import DraftCalibration, check_draft
 from denoiser.kv_cache import ContextKVCache
 from fim.request import FimRequest
 
@@ -62,32 +62,64 @@ def native_context_ids(tokenizer, request: FimRequest, max_context_tokens: int) 
     )
 
 
-def cpu_threads_for(cores: int) -> int:
-    """torch threads for a completion on a machine with `cores` cores: half of them, at most 8.
+def cpu_threads_for(cores: int, busy: int = 0) -> int:
+    """torch threads for a completion on a machine with `cores` cores while `busy` other
+    tasks run: half the cores, at most 8, and never more than the cores the others leave.
 
     A completion's step is small, so threads beyond a few barely help it, while an
-    OpenMP team that needs every core collapses as soon as anything else runs (a
-    build, a test run): each step then waits for a thread the OS has set aside.
-    Half the cores keeps completions steady beside other work and leaves the
-    server's event loop a core of its own.
+    OpenMP team that needs more cores than are free collapses: at every barrier its
+    threads wait for one the OS has given to another job (on 2 cores beside a numeric
+    job, `parafill complete` took a median 4.3 s at 2 threads and 105-139 ms at 1).
+    Half the cores leaves the server's event loop a core of its own.
     """
-    return max(1, min(cores // 2, 8))
+    return max(1, min(cores // 2, 8, cores - busy))
+
+
+def busy_tasks() -> int:
+    """Tasks other than the caller running on the machine now.
+
+    Linux: /proc/loadavg's count of runnable tasks, an instant rather than an
+    average (a job that started a second ago counts), less the calling thread.
+    Elsewhere: the 1-minute load average, which lags and counts parafill's own
+    recent work; 0 where there is neither. Costs a file read (~10 µs).
+    """
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            return max(0, int(f.read().split()[3].split(b"/")[0]) - 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return 0
 
 
 def resolve_cpu_threads(threads: int = 0) -> int:
     """torch's CPU threads for a `threads` setting: itself, or for 0 the user's
-    OMP_NUM_THREADS when set, else `cpu_threads_for` this machine."""
+    OMP_NUM_THREADS when set, else `cpu_threads_for` this machine as loaded now."""
     if threads > 0:
         return threads
     try:
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     except (KeyError, ValueError):
-        return cpu_threads_for(os.cpu_count() or 1)
+        return cpu_threads_for(os.cpu_count() or 1, busy_tasks())
+
+
+def limit_interop_threads() -> None:
+    """One inter-op thread: parafill never runs torch ops side by side (no torch.jit.fork),
+    so a pool of `cores` idle inter-op threads only adds threads. torch accepts this only
+    before its first inter-op work; a process that has done some keeps its pool."""
+    try:
+        if torch.get_num_interop_threads() != 1:
+            torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
 
 
 def configure_cpu_threads(threads: int = 0) -> int:
     """Set torch's CPU threads for the calling thread and threads started later
     (`resolve_cpu_threads`); returns the count."""
+    limit_interop_threads()
     count = resolve_cpu_threads(threads)
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)
@@ -126,7 +158,9 @@ class NativeBackend:
     ):
         self.model_dir = Path(model_dir)
         self.device = resolve_device(device)
-        # torch keeps its thread count per thread: each fill sets it on its own (`_use_threads`).
+        # torch keeps its thread count per thread: each fill sets it on its own (`_use_threads`),
+        # and with the `threads` setting at 0 (automatic) chooses it for the load at that moment.
+        self.threads_setting = 0
         self.cpu_threads = configure_cpu_threads()
         # bf16 halves the bytes each step reads on a GPU; CPUs stay in fp32 (exact, and fast enough).
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -135,6 +169,8 @@ class NativeBackend:
         self.model, self.tokenizer, self.config = load_native_model(self.model_dir, self.device, self.dtype)
         self.name = self.model_dir.name
         self.parameters = sum(p.numel() for p in self.model.parameters())
+        # How far a draft from the user's code can be trusted with this model (None: the plain check).
+        self.draft_calibration = DraftCalibration.load(self.model_dir)
         self.max_total_span_tokens = max_total_span_tokens
         # Context and the longest span (grown once) must both fit the model's positions.
         room = min(self.config.max_positions - max_total_span_tokens, self.config.context_tokens)
@@ -179,12 +215,17 @@ class NativeBackend:
 
     def set_cpu_threads(self, threads: int = 0) -> int:
         """The `threads` setting (0 = automatic): every fill from now on runs with it."""
+        self.threads_setting = threads
         self.cpu_threads = configure_cpu_threads(threads)
         return self.cpu_threads
 
     def _use_threads(self) -> None:
-        if torch.get_num_threads() != self.cpu_threads:
-            torch.set_num_threads(self.cpu_threads)
+        # Automatic: chosen again for every fill, so a job that starts beside the editor
+        # costs the next completion threads, not a collapse (`cpu_threads_for`).
+        count = resolve_cpu_threads(self.threads_setting)
+        self.cpu_threads = count
+        if torch.get_num_threads() != count:
+            torch.set_num_threads(count)
 
     def moved_to(self, device: str | torch.device) -> "NativeBackend":
         """The same model directory on another device (the engine's fallback after a CUDA fault)."""
@@ -197,7 +238,7 @@ class NativeBackend:
             max_context_tokens=self.max_context_tokens,
             max_batch=self.batcher.max_batch,
         )
-        moved.set_cpu_threads(self.cpu_threads)
+        moved.set_cpu_threads(self.threads_setting)
         return moved
 
     def context_ids(self, request: FimRequest) -> list[int]:
@@ -226,7 +267,8 @@ class NativeBackend:
                     # Under the lock: no prefill (or graph capture) overlaps the scoring pass.
                     check = check_draft(self.model, slot.kv, slot.length, span_len,
                                         self.tokenizer.encode(request.draft),
-                                        banned_ids=self.batcher.banned, vocab_limit=self.tokenizer.vocab_size)
+                                        banned_ids=self.batcher.banned, vocab_limit=self.tokenizer.vocab_size,
+                                        calibration=self.draft_calibration, evidence=request.draft_evidence)
             # Another document's prefill may evict this entry meanwhile; the batch keeps its K/V alive.
             result = self.batcher.denoise(slot.kv, slot.length, span_len, decode, is_cancelled,
                                           start=check.start if check else None)
@@ -261,6 +303,19 @@ class NativeBackend:
             draft=check.outcome if check else None,
             budget_cut=budget_cut,
         )
+
+    def draft_features(self, request: FimRequest, document: str = "") -> dict[str, float] | None:
+        """What `DraftCalibration` rates for the request's draft (None: no draft), without decoding."""
+        if not request.draft:
+            return None
+        self._use_threads()
+        ids = self.context_ids(request)
+        draft_ids = self.tokenizer.encode(request.draft)
+        with self._document_turn(document), self._cache_lock:
+            slot = self.context_cache.prepare(document, ids)
+            check = check_draft(self.model, slot.kv, slot.length, span_bucket(request.span.max_tokens), draft_ids,
+                                banned_ids=self.batcher.banned, vocab_limit=self.tokenizer.vocab_size)
+        return DraftCalibration.features(check, request.draft_evidence, len(draft_ids))
 
     def forget(self, document: str) -> None:
         with self._document_turn(document), self._cache_lock:

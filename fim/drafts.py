@@ -5,15 +5,18 @@ every method). `DraftIndex` keeps the lines of the user's code (open documents
 and the files of the workspace folders) and, for a request, proposes the text
 that followed the same start elsewhere:
 
-- rest of a line: the cursor line's text before the cursor (stripped, at least
-  `MIN_EVIDENCE` characters) is looked up among indexed lines that start with
-  it; the draft is the rest of the matched line;
+- rest of a line: the last `KEY_CHARS` characters before the cursor are looked
+  up anywhere in the indexed text, each match is extended backwards along the
+  cursor line, and the draft is the rest of the best-matched line (a line that
+  starts like the cursor line's stripped text matches whole; evidence shorter
+  than `KEY_CHARS`, but at least `MIN_EVIDENCE`, must match a line whole);
 - whole lines (block): the previous non-empty line is looked up among indexed
   lines equal to it; the draft is the lines that followed it, up to the end of
   their block, re-indented to the cursor.
 
-Candidates rank by how many lines before them also match the lines before the
-cursor, then by how often they occur. A draft is cut where it runs into text the
+Rest-of-line candidates rank by how many characters before the cursor they
+match; whole-line matches and blocks then by how many lines before them also
+match the lines before the cursor, then by how often they occur. A draft is cut where it runs into text the
 document already has after the cursor, and the cursor line of the requesting
 document never drafts itself.
 
@@ -25,16 +28,19 @@ tokens, no I/O (the caller reads files, see `fim.repo_files`).
 from __future__ import annotations
 
 import threading
+from array import array
+from bisect import bisect_right
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 MIN_EVIDENCE = 4  # characters before the cursor a rest-of-line draft needs
+KEY_CHARS = 8  # characters before the cursor looked up anywhere in a line
+MAX_MATCHES = 2048  # places a key is looked at (a very common key is weak evidence anyway)
 MAX_BLOCK_LINES = 6  # lines a whole-line draft proposes at most
 MAX_CONTEXT_LINES = 6  # preceding lines compared when ranking
 MAX_OCCURRENCES = 64  # occurrences of one line looked at when ranking (common lines are common)
 MAX_LINE_CHARS = 400  # longer lines are not indexed (data, not code)
-LINE_OVERHEAD_BYTES = 80  # what one indexed line costs besides its text (list slot, dict entries)
-HEAD = 4  # characters of a stripped line that key the prefix lookup
+LINE_OVERHEAD_BYTES = 88  # what one indexed line costs besides its text (list slot, dict entries, offset)
 
 
 @dataclass(frozen=True)
@@ -46,16 +52,24 @@ class Draft:
     line: int  # 0-based line of the source the draft starts on
     matched_lines: int  # lines before it that also matched the lines before the cursor
     occurrences: int
+    matched_chars: int = 0  # characters before the cursor (or of the anchor line) the source matched
 
 
 class _Document:
-    __slots__ = ("lines", "stripped", "bytes", "pinned")
+    __slots__ = ("text", "lines", "starts", "stripped", "bytes", "pinned")
 
     def __init__(self, text: str, pinned: bool):
+        self.text = text  # searched whole by the rest-of-line lookup (str.find runs at C speed)
         self.lines = text.split("\n")
+        self.starts = array("q", [0])  # offset of each line in `text`
+        for line in self.lines[:-1]:
+            self.starts.append(self.starts[-1] + len(line) + 1)
         self.stripped = [line.strip() if len(line) <= MAX_LINE_CHARS else "" for line in self.lines]
-        self.bytes = len(text) + LINE_OVERHEAD_BYTES * len(self.lines)
+        self.bytes = 2 * len(text) + LINE_OVERHEAD_BYTES * len(self.lines)
         self.pinned = pinned
+
+    def line_at(self, offset: int) -> int:
+        return bisect_right(self.starts, offset) - 1
 
 
 class DraftIndex:
@@ -72,7 +86,6 @@ class DraftIndex:
         self._lock = threading.Lock()
         self._docs: OrderedDict[str, _Document] = OrderedDict()
         self._exact: dict[str, dict[str, list[int]]] = {}  # stripped line -> document -> line numbers
-        self._heads: dict[str, set[str]] = {}  # first HEAD characters -> stripped lines
 
     # --- contents -----------------------------------------------------------------
     def __contains__(self, name: str) -> bool:
@@ -96,7 +109,7 @@ class DraftIndex:
             if old is not None:
                 if old.pinned and not pinned:
                     return  # the editor's text wins over the file on disk
-                if old.pinned == pinned and "\n".join(old.lines) == text:
+                if old.pinned == pinned and old.text == text:
                     self._docs.move_to_end(name)
                     return
                 self._remove(name)
@@ -108,7 +121,6 @@ class DraftIndex:
             for number, key in enumerate(doc.stripped):
                 if key:
                     self._exact.setdefault(key, {}).setdefault(name, []).append(number)
-                    self._heads.setdefault(key[:HEAD], set()).add(key)
             self._evict(keep=name)
 
     def unpin(self, name: str) -> None:
@@ -141,11 +153,6 @@ class DraftIndex:
             where.pop(name, None)
             if not where:
                 del self._exact[key]
-                heads = self._heads.get(key[:HEAD])
-                if heads is not None:
-                    heads.discard(key)
-                    if not heads:
-                        del self._heads[key[:HEAD]]
 
     def _evict(self, keep: str) -> None:
         # Files read from disk go first (oldest first), open documents last.
@@ -169,10 +176,7 @@ class DraftIndex:
             evidence = before_line.lstrip()
             if len(evidence) < MIN_EVIDENCE:
                 return None
-            found = self._rest_of_line(name, cursor_line, evidence, previous)
-            if found is None:
-                return None
-            return _cut_line(found, after_line)
+            return self._rest_of_line(name, cursor_line, evidence, previous, after_line)
         before = [line.strip() for line in previous if line.strip()]
         if before_line.strip():
             # The cursor ends a line that opens a block: that line is the anchor, the draft starts a new line.
@@ -189,24 +193,44 @@ class DraftIndex:
         following = text[end + 1:].split("\n", 40)[:40] if end < len(text) else []
         return _cut_block(found, after_line, following)
 
-    def _rest_of_line(self, name, cursor_line, evidence, previous) -> Draft | None:
+    def _rest_of_line(self, name, cursor_line, evidence, previous, after_line) -> Draft | None:
         wanted = [line.strip() for line in previous if line.strip()][-MAX_CONTEXT_LINES:]
+        key = evidence[-KEY_CHARS:]
+        whole_only = len(evidence) < KEY_CHARS  # a short key alone matches too much
         with self._lock:
-            by_text: dict[str, list] = {}  # proposed rest -> [best context score, count, document, line]
-            for key in self._heads.get(evidence[:HEAD], ()):
-                if len(key) <= len(evidence) or not key.startswith(evidence):
-                    continue
-                for doc_name, line in self._occurrences(key, name, cursor_line):
-                    score = self._context_score(doc_name, line, wanted)
-                    entry = by_text.setdefault(key[len(evidence):], [-1, 0, doc_name, line])
-                    entry[1] += 1
-                    if score > entry[0]:
-                        entry[0], entry[2], entry[3] = score, doc_name, line
+            # proposed rest -> [characters matched, context score, count, document, line]
+            by_text: dict[str, list] = {}
+            looked = 0
+            for doc_name, doc in reversed(self._docs.items()):  # open and recent documents first
+                text, at = doc.text, doc.text.find(key)
+                while at >= 0 and looked < MAX_MATCHES:
+                    looked += 1
+                    line = doc.line_at(at)
+                    line_start, after_key = doc.starts[line], at + len(key)
+                    line_end = line_start + len(doc.lines[line])
+                    at = text.find(key, at + 1)
+                    if (doc_name == name and line == cursor_line) or after_key >= line_end:
+                        continue
+                    matched, whole = _matched_before(text[line_start:after_key], evidence)
+                    if whole_only and not whole:
+                        continue
+                    rest = _cut_rest(text[after_key:line_end], after_line)
+                    if rest is None:
+                        continue
+                    score = self._context_score(doc_name, line, wanted) if whole else -1
+                    entry = by_text.setdefault(rest, [matched, score, 0, doc_name, line])
+                    entry[2] += 1
+                    if (matched, score) > (entry[0], entry[1]):
+                        entry[0], entry[1], entry[3], entry[4] = matched, score, doc_name, line
+                if looked >= MAX_MATCHES:
+                    break
         if not by_text:
             return None
-        # Most context first, then most frequent, then shortest (the common part of a family of lines).
-        rest, (score, count, doc_name, line) = max(by_text.items(), key=lambda kv: (kv[1][0], kv[1][1], -len(kv[0])))
-        return Draft(rest, doc_name, line, score, count)
+        # Longest match first, then most context, then most frequent, then shortest (the
+        # common part of a family of lines).
+        rest, (matched, score, count, doc_name, line) = max(
+            by_text.items(), key=lambda kv: (kv[1][0], kv[1][1], kv[1][2], -len(kv[0])))
+        return Draft(rest, doc_name, line, max(score, 0), count, matched)
 
     def _next_lines(self, name, anchor_at, before, anchor_line, typed, lead) -> Draft | None:
         with self._lock:
@@ -232,7 +256,7 @@ class DraftIndex:
         for i, source_line in enumerate(lines):
             indent = _shift(_indent(source_line), first_indent, target)
             out.append((indent[len(typed):] if i == 0 else indent) + source_line.strip())
-        return Draft(lead + "\n".join(out), doc_name, line + 1, score, count)
+        return Draft(lead + "\n".join(out), doc_name, line + 1, score, count, len(before[-1]))
 
     def _occurrences(self, key, name, own_line):
         """(document, line) where stripped line `key` occurs, line `own_line` of the requester left out."""
@@ -276,6 +300,15 @@ class DraftIndex:
         return out
 
 
+def _matched_before(source: str, evidence: str) -> tuple[int, bool]:
+    """(characters of `evidence` that end `source`, whether all of it matched from the line's indentation)."""
+    n = 0
+    limit = min(len(source), len(evidence))
+    while n < limit and source[-1 - n] == evidence[-1 - n]:
+        n += 1
+    return n, n == len(evidence) and not source[: len(source) - n].strip()
+
+
 def _indent(line: str) -> str:
     return line[: len(line) - len(line.lstrip())]
 
@@ -288,17 +321,17 @@ def _shift(indent: str, old_base: str, new_base: str) -> str:
     return new_base[: max(0, len(new_base) - cut)]
 
 
-def _cut_line(draft: Draft, after_line: str) -> Draft | None:
-    """The rest-of-line draft stops where the cursor line's own rest begins ("a, b)" before ")" → "a, b")."""
-    rest = after_line.strip()
-    text = draft.text
-    if rest:
-        at = text.rfind(rest)
+def _cut_rest(rest: str, after_line: str) -> str | None:
+    """A rest-of-line draft stops where the cursor line's own rest begins ("a, b)" before ")" → "a, b");
+    None when it would not end where the line already does, or leaves nothing."""
+    tail = after_line.strip()
+    if tail:
+        at = rest.rfind(tail)
         if at < 0:
-            return None  # it would not end where the line already does
-        text = text[:at]
-    text = text.rstrip()
-    return Draft(text, draft.source, draft.line, draft.matched_lines, draft.occurrences) if text else None
+            return None
+        rest = rest[:at]
+    rest = rest.rstrip()
+    return rest or None
 
 
 def _cut_block(draft: Draft, after_line: str, following: list[str]) -> Draft | None:
@@ -313,4 +346,4 @@ def _cut_block(draft: Draft, after_line: str, following: list[str]) -> Draft | N
                 lines = lines[:i]
                 break
     text = "\n".join(lines).rstrip()
-    return Draft(text, draft.source, draft.line, draft.matched_lines, draft.occurrences) if text.strip() else None
+    return replace(draft, text=text) if text.strip() else None

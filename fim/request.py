@@ -34,6 +34,15 @@ class Snippet:
 
 
 @dataclass(frozen=True)
+class DraftEvidence:
+    """How well a draft's source matched the cursor's surroundings (`fim.drafts.Draft`)."""
+
+    matched_chars: int = 0  # characters before the cursor the source also had
+    matched_lines: int = 0  # lines before those that matched too
+    occurrences: int = 0  # places in the user's code the same continuation follows
+
+
+@dataclass(frozen=True)
 class FimRequest:
     """Everything the model sees, plus what post-processing needs.
 
@@ -52,7 +61,9 @@ class FimRequest:
     snippets: tuple[Snippet, ...] = field(default=())
     # A proposed fill from the user's own code (`fim.drafts`); the model checks and repairs it.
     draft: str = ""
+    draft_evidence: DraftEvidence = field(default=DraftEvidence())
 
-    def context_key(self) -> tuple[str, str, str, str, int, str]:
+    def context_key(self) -> tuple:
         """Identity of the model's input: two requests with equal keys get the same fill."""
-        return (self.preamble, self.prefix, self.suffix, self.span.mode, self.span.max_tokens, self.draft)
+        return (self.preamble, self.prefix, self.suffix, self.span.mode, self.span.max_tokens, self.draft,
+                self.draft_evidence)

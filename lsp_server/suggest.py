@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable
 from fim import ContextOptions, FimRequest, LineIndex, build_request, postprocess
 from fim.drafts import DraftIndex
 from fim.positions import normalize_line_endings
+from fim.request import DraftEvidence
 from lsp_server.settings import Settings, latency_budget_ms
 
 Position = tuple[int, int]  # LSP (line, UTF-16 character)
@@ -139,7 +140,10 @@ def with_draft(request: FimRequest, drafts: DraftIndex, text: str, line: int, ch
     text = normalize_line_endings(text)  # the index and the request read "\n" line ends
     drafts.update(document, text, pinned=True)
     found = drafts.draft(document, text, LineIndex.of(text).offset_at(line, character), request.span.mode)
-    return replace(request, draft=found.text) if found is not None else request
+    if found is None:
+        return request
+    evidence = DraftEvidence(found.matched_chars, found.matched_lines, found.occurrences)
+    return replace(request, draft=found.text, draft_evidence=evidence)
 
 
 def clamp_position(index: LineIndex, line: int, character: int) -> Position:

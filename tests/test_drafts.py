@@ -92,3 +92,21 @@ def test_memory_is_bounded_files_go_before_open_documents():
     assert "open.py" in idx and "file39.py" in idx and "file0.py" not in idx
     idx.remove_under("file")
     assert idx.names() == ["open.py"]
+
+
+def test_rest_of_line_matches_the_text_before_the_cursor_anywhere_in_a_line():
+    # "self.g(x, " appears inside another line: its rest is proposed though the lines start differently.
+    found = draft_at(index(other=OTHER), "    value = helper(self.g(x, |\n", "|", "line")
+    assert found.text == "strict=True)" and found.source == "other" and found.line == 4
+
+
+def test_a_longer_match_before_the_cursor_wins_over_a_more_frequent_one():
+    idx = index(common="a = load(path, mode='r')\n" * 4, rare="b = self.load(path, mode='rb')\n")
+    assert draft_at(idx, "c = self.load(path, |\n", "|", "line").text == "mode='rb')"
+    assert draft_at(idx, "c = load(path, |\n", "|", "line").text == "mode='r')"
+
+
+def test_short_evidence_must_match_a_line_from_its_start():
+    idx = index(other="x = total(items)\n")
+    assert draft_at(idx, "tota|\n", "|", "line") is None  # "tota" only occurs mid-line
+    assert draft_at(index(other="total(items)\n"), "tota|\n", "|", "line").text == "l(items)"

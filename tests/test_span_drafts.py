@@ -29,6 +29,12 @@ class ScriptedModel:
         tokens = torch.tensor(self.target[:n], dtype=torch.long).expand(b, n).clone()
         return tokens, torch.full((b, n), self.p)
 
+    def span_logits(self, span, kv, ctx_len):
+        """Logits whose softmax gives `target[i]` probability `p` and the other ids the rest, evenly."""
+        tokens, _ = self.span_tokens(span, kv, ctx_len)
+        logits = torch.full((*tokens.shape, VOCAB), math.log((1 - self.p) / (VOCAB - 1)))
+        return logits.scatter(-1, tokens.unsqueeze(-1), math.log(self.p))
+
 
 def kv_for(capacity=8):
     config = ModelConfig(vocab_size=VOCAB, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_positions=64)
@@ -155,3 +161,38 @@ def test_native_backend_reports_the_drafts_fate(parafill_tiny_model):
     assert drafted.confidence is not None and 0 < drafted.confidence <= 1
     if drafted.draft == "accepted":
         assert drafted.text.startswith(plain.text or "a + b")
+
+
+# --- calibrated drafts: a draft the model would not write, trusted by its evidence ---------------
+
+def test_a_calibrated_draft_is_kept_whole_and_its_confidence_is_the_rated_probability():
+    from denoiser.drafts import DraftCalibration
+    from fim.request import DraftEvidence
+
+    model = ScriptedModel([9, 9, 9, 9, 9, 9], p=0.3)  # disagrees everywhere: the plain check rejects it
+    calibration = DraftCalibration({"log_matched_chars": 1.0, "mean_log_prob": 1.0}, bias=2.0, accept=0.5)
+    strong, weak = DraftEvidence(matched_chars=40), DraftEvidence(matched_chars=2)
+    kv = kv_for()
+    assert check_draft(model, kv, 4, 6, [5, 6, 7], calibration=calibration, evidence=weak).outcome == "rejected"
+    check = check_draft(model, kv, 4, 6, [5, 6, 7], calibration=calibration, evidence=strong)
+    # The model gave each draft token (1 - 0.3) / 79: the rating is the logistic of the fitted sum.
+    mean_log_prob = math.log(0.7 / (VOCAB - 1))
+    rated = 1 / (1 + math.exp(-(2.0 + math.log1p(40) + mean_log_prob)))
+    assert check.outcome == "accepted" and math.isclose(check.mean_log_prob, mean_log_prob, rel_tol=1e-5)
+    result = SpanBatcher(model, device="cpu", dtype=torch.float32).denoise(
+        kv, 4, 6, DecodeSettings(confidence_threshold=0.5), start=check.start)
+    assert result.tokens == (5, 6, 7) and result.ended and result.steps == 1
+    assert math.isclose(math.exp(result.log_confidence / result.scored), rated, rel_tol=1e-5)
+
+
+def test_a_calibration_file_round_trips_and_unknown_features_are_refused(tmp_path):
+    from denoiser.drafts import CALIBRATION_FILE, DraftCalibration
+
+    assert DraftCalibration.load(tmp_path) is None  # no file: the plain check
+    fitted = DraftCalibration({"agreement": 0.5, "log_occurrences": 1.25}, bias=-3.0, accept=0.6,
+                              about={"examples": 10})
+    fitted.save(tmp_path)
+    assert DraftCalibration.load(tmp_path) == fitted
+    (tmp_path / CALIBRATION_FILE).write_text('{"weights": {"vibes": 1.0}, "bias": 0}')
+    with pytest.raises(ValueError, match="unknown draft features \\['vibes'\\]"):
+        DraftCalibration.load(tmp_path)

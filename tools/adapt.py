@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from denoiser.checkpoint import TOKENIZER, load_native_model
+    from denoiser.drafts import DraftCalibration
     from denoiser.loading import default_model_dir, read_model_config
     from denoiser.tokenizer import CodeTokenizer
     from fim.repo_files import iter_repo_files
@@ -184,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).expanduser() if args.out else adapted_dir(repo)
     out.mkdir(parents=True, exist_ok=True)
     save_native_model(model, tokenizer, out, int8=True, card=card(base_dir.name, repo, report))
+    calibration = DraftCalibration.load(base_dir)
+    if calibration is not None:  # drafts are trusted as with the base model (fitted on code neither saw)
+        calibration.save(out)
     (out / RECORD).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"held-out exact line {100 * before:.1f}% → {100 * best:.1f}%; adapted model in {out}", file=sys.stderr)
     print(json.dumps({**report, "kept": "adapted", "model": str(out)}))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from fim.drafts import DraftIndex
@@ -56,6 +55,10 @@ def summarise(rows: list[dict]) -> dict:
         "steps_per_request": round(sum(r["steps"] for r in rows) / n, 3),
         "drafts": {k: sum(r["draft"] == k for r in rows) for k in ("accepted", "repaired", "rejected")}
         | {"proposed": sum(r["draft"] is not None for r in rows)},
+        # What was shown and right, by how the model judged the request's draft (None: no draft).
+        "shown_right_by_draft": {str(k): [sum(r["shown"] for r in rows if r["draft"] == k),
+                                          sum(r["exact_shown"] for r in rows if r["draft"] == k)]
+                                 for k in ("accepted", "repaired", "rejected", None)},
     }
 
 
@@ -71,10 +74,12 @@ def run(args, log) -> dict:
         index, examples = package_examples(folder, args.draft_files, args.draft_examples_per_file, args.seed)
         log(f"{folder.name}: {len(index)} files indexed, {len(examples)} examples")
         report["packages"][folder.name] = {"indexed_files": len(index), "examples": len(examples)}
-        for mode in ("without", "with"):
-            engine = Engine(backend)  # fresh caches: neither mode answers from the other's cache
-            for number, (path, text, cursor, expected) in enumerate(examples):
-                line, character = position_at(text, cursor)
+        # Both modes answer each example in turn, so a change in the machine's load
+        # weighs on both alike; each keeps its own engine (no answer from the other's cache).
+        engines = {"without": Engine(backend), "with": Engine(backend)}
+        for number, (path, text, cursor, expected) in enumerate(examples):
+            line, character = position_at(text, cursor)
+            for mode, engine in engines.items():
                 document = f"eval:{mode}:{path}:{number}"
                 found = suggest(engine, text, line, character, document=document, path=path, language_id="python",
                                 settings=settings, drafts=index if mode == "with" else None)
@@ -83,6 +88,7 @@ def run(args, log) -> dict:
                 rows[mode].append({"package": folder.name, "shown": found.text is not None,
                                    "exact_shown": found.text is not None and exact_match(found.text, expected),
                                    "ms": found.total_ms, "steps": found.steps, "draft": found.draft})
+        for mode in engines:
             log(f"  {mode} drafts: {summarise([r for r in rows[mode] if r['package'] == folder.name])}")
     report["with_drafts"] = summarise(rows["with"])
     report["without_drafts"] = summarise(rows["without"])

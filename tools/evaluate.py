@@ -336,9 +336,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repo-drafts", default=None, metavar="DIR,...",
                         help="instead: compare suggestions with and without drafts from your code, each DIR a package "
                              "used as the workspace folder (its evaluated files left out of the index)")
-    parser.add_argument("--draft-files", type=int, default=8, help="files evaluated per package (--repo-drafts)")
+    parser.add_argument("--fit-drafts", default=None, metavar="DIR,...",
+                        help="instead: fit how far this model's drafts can be trusted on packages it never trained "
+                             "on and write drafts.json into the model directory (or --out DIR)")
+    parser.add_argument("--draft-files", type=int, default=8,
+                        help="files evaluated per package (--repo-drafts, --fit-drafts)")
     parser.add_argument("--draft-examples-per-file", type=int, default=5,
-                        help="rest-of-line cuts per evaluated file (--repo-drafts)")
+                        help="rest-of-line cuts per evaluated file (--repo-drafts, --fit-drafts)")
+    parser.add_argument("--adapt", default=None, metavar="DIR,...",
+                        help="instead: what `parafill adapt` gains on each package's held-out files, on the CPU "
+                             "(tools/adapt_eval.py)")
+    parser.add_argument("--adapt-minutes", default="2,5,10", help="training budgets in minutes (--adapt)")
+    parser.add_argument("--adapt-tasks", type=int, default=150,
+                        help="rest-of-line and as many whole-line tasks per package (--adapt)")
+    parser.add_argument("--adapt-threads", type=int, default=2, help="torch threads while training (--adapt)")
+    parser.add_argument("--adapt-lr", type=float, default=None,
+                        help="learning rate (--adapt; default: parafill adapt's)")
     return parser
 
 
@@ -705,6 +718,14 @@ def main(argv: list[str] | None = None) -> int:
         from tools.draft_eval import main as drafts_main
 
         return drafts_main(args, log)
+    if args.fit_drafts:
+        from tools.draft_calibration import main as fit_main
+
+        return fit_main(args, log)
+    if args.adapt:
+        from tools.adapt_eval import main as adapt_main
+
+        return adapt_main(args, log)
     try:
         report = run(args, log)
     except (FileNotFoundError, ValueError, ModelLoadError) as exc:

@@ -1,0 +1,33 @@
+"""Fitting how far a model's drafts can be trusted: the regression finds the signal, `accept` meets its precision."""
+import random
+
+from denoiser.drafts import DraftCalibration
+from tools.draft_calibration import accept_for, fit, precision_above
+
+
+def rows(n=300, seed=0):
+    """Drafts whose chance of being right grows with the characters their source matched; the rest is noise."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        matched = rng.uniform(0, 4)
+        features = {name: rng.gauss(0, 1) for name in DraftCalibration.FEATURES} | {"log_matched_chars": matched}
+        out.append({"package": "p", "features": features, "right": rng.random() < matched / 4})
+    return out
+
+
+def test_the_fit_weighs_the_feature_that_carries_the_signal_and_rates_in_its_order():
+    calibration = fit(rows())
+    weights = calibration.weights
+    assert weights["log_matched_chars"] > 1.0
+    assert all(abs(w) < 0.5 for name, w in weights.items() if name != "log_matched_chars")
+    neutral = {name: 0.0 for name in DraftCalibration.FEATURES}
+    assert calibration.probability(neutral | {"log_matched_chars": 0.2}) < 0.3
+    assert calibration.probability(neutral | {"log_matched_chars": 3.8}) > 0.7
+
+
+def test_accept_is_the_lowest_rating_that_reaches_the_precision():
+    rated = [(0.55, False), (0.6, True), (0.65, False), (0.7, True), (0.8, True), (0.9, True)]
+    assert accept_for(rated, 0.75) == 0.6 and precision_above(rated, 0.6) == 0.8
+    assert accept_for(rated, 0.5) == 0.55
+    assert accept_for([(0.6, False)], 0.7) == 0.95  # never reached: only near-certain drafts
