@@ -76,6 +76,7 @@ class Completion:
     confidence: float | None = None  # the fill's FillResult.confidence (typed-ahead: the fill it continues)
     draft: str | None = None  # the fill's FillResult.draft: how the model judged the request's draft
     budget_cut: bool = False  # the latency budget stopped the model: a hole-free start of its answer
+    shortened: bool = False  # a device-fault fallback cut the span (not worth caching by a client)
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,7 @@ class Engine:
             confidence=confidence,
             draft=result.draft if result else None,
             budget_cut=result.budget_cut if result else False,
+            shortened=result.shortened if result else False,
         )
 
     def _fill(self, request: FimRequest, decode: DecodeSettings, document: str, is_cancelled) -> FillResult:
@@ -370,6 +372,8 @@ class Engine:
                 "fallbacks": counts["fallbacks"],
                 "budget_cuts": counts["budget_cuts"],
                 "threads": getattr(self.backend, "cpu_threads", None),
+                # The sums behind context_kv_reuse, so a client can tell what one request reused.
+                "context_tokens": {"total": context, "reused": self._reused_context_tokens},
                 "steps_per_request": round(self._model_steps / counts["model"], 3) if counts["model"] else None,
                 "drafts": dict(self._drafts),
                 "last_error": self.last_error,

@@ -12,8 +12,9 @@ from collections import Counter, deque
 from typing import Any
 
 # waitedForModel: requests that arrived while the model loaded and were answered by it.
+# engineUnavailable: requests answered empty because the team engine was away (reported once).
 COUNTS = ("inline", "completion", "answered", "empty", "superseded", "cancelled", "notReady", "waitedForModel",
-          "errors")
+          "errors", "engineUnavailable")
 
 
 def percentiles(values, points=(50, 90, 99)) -> dict[str, float | None]:
@@ -80,6 +81,8 @@ def status_report(
             # Answers the latency budget stopped early (a hole-free start of the model's answer).
             "budgetCuts": engine.get("budget_cuts", 0),
             "threads": engine.get("threads"),
+            # Context tokens of the model's answers, and how many of them came from the K/V cache.
+            "contextTokens": engine.get("context_tokens") or {"total": 0, "reused": 0},
             "lastError": engine.get("last_error"),
             # Shared denoising steps (a batching backend only): how concurrent requests met.
             "batching": _camel_keys(engine.get("batching") or {}),

@@ -295,9 +295,12 @@ def test_cpu_threads_take_half_the_cores_unless_told(monkeypatch):
     from denoiser.native_backend import configure_cpu_threads, cpu_threads_for
 
     assert [cpu_threads_for(n) for n in (1, 2, 3, 4, 8, 16, 64)] == [1, 1, 1, 2, 4, 8, 8]
+    # Never more threads than the cores other running tasks leave idle, and always one.
+    assert [cpu_threads_for(8, busy) for busy in (0, 2, 4, 5, 7, 8, 30)] == [4, 4, 4, 3, 1, 1, 1]
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 4)
+    monkeypatch.setattr("denoiser.native_backend.busy_tasks", lambda: 0)
     try:
         configure_cpu_threads()
         assert torch.get_num_threads() == 2
@@ -306,7 +309,44 @@ def test_cpu_threads_take_half_the_cores_unless_told(monkeypatch):
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         configure_cpu_threads()  # the user's environment stands over the automatic choice
         assert torch.get_num_threads() == 1
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setattr("denoiser.native_backend.busy_tasks", lambda: 3)
+        configure_cpu_threads()  # a job busy on three of the four cores
+        assert torch.get_num_threads() == 1
     finally:
+        torch.set_num_threads(before)
+
+
+def test_busy_tasks_counts_the_others_running_now():
+    from denoiser.native_backend import busy_tasks
+
+    assert isinstance(busy_tasks(), int) and busy_tasks() >= 0
+
+
+def test_an_automatic_fill_chooses_its_threads_for_the_load_it_meets(model_dir, monkeypatch):
+    native = NativeBackend(model_dir, "cpu")
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    seen = []
+    real_denoise = native.batcher.denoise
+
+    def denoise(*args, **kwargs):  # the step runs on the filling thread, with its thread count
+        seen.append(torch.get_num_threads())
+        return real_denoise(*args, **kwargs)
+
+    monkeypatch.setattr(native.batcher, "denoise", denoise)
+    try:
+        for busy in (0, 3):
+            monkeypatch.setattr("denoiser.native_backend.busy_tasks", lambda busy=busy: busy)
+            native.fill(request(PREFIX), DecodeSettings(steps=1), document="a")
+            assert native.cpu_threads == seen[-1]
+        assert seen[0] == 2 and seen[-1] == 1  # idle: half the 4 cores; beside a 3-core job: one
+        native.set_cpu_threads(2)  # the threads setting stands whatever the load
+        native.fill(request(PREFIX + " b"), DecodeSettings(steps=1), document="a")
+        assert seen[-1] == 2
+    finally:
+        native.set_cpu_threads(0)
         torch.set_num_threads(before)
 
 

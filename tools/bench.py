@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--contended", action="store_true",
                         help="measure completion latency idle and beside busy processes, for several thread "
                              "counts (`parafill bench --contended --help`)")
+    parser.add_argument("--typing", action="store_true",
+                        help="type a real file forward through a real server, a few characters per request: "
+                             "context K/V reuse and latency (`parafill bench --typing --help`)")
     return parser
 
 
@@ -606,6 +609,10 @@ def main(argv: list[str] | None = None) -> int:
         from tools import contention_bench
 
         return contention_bench.main([a for a in argv if a != "--contended"])
+    if "--typing" in argv:
+        from tools import typing_bench
+
+        return typing_bench.main([a for a in argv if a != "--typing"])
     args, rest = build_parser().parse_known_args(argv)
     args.argv = argv
     if args.soak is not None:
