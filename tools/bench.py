@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--contended", action="store_true",
                         help="measure completion latency idle and beside busy processes, for several thread "
                              "counts (`parafill bench --contended --help`)")
+    parser.add_argument("--engine", action="store_true",
+                        help="measure the team engine instead: the hop against in-process, and requests/s for "
+                             "1, 4 and 16 clients against 1 and 2 replicas (`parafill bench --engine --help`)")
     parser.add_argument("--typing", action="store_true",
                         help="type a real file forward through a real server, a few characters per request: "
                              "context K/V reuse and latency (`parafill bench --typing --help`)")
@@ -161,6 +164,31 @@ def memory_bandwidth(device, plan: Plan) -> dict:
     return {"gbps": round(gbps, 2), "method": f"measured: copy of {plan.copy_bytes >> 20} MiB (read + write), best of 5"}
 
 
+def matmul_rate(device, dtype) -> dict:
+    """GFLOP/s of one large matmul in the model's dtype with this process's threads: the rate a
+    step's arithmetic could run at, so a step time can be set against its bound."""
+    import torch
+
+    m, k, n = 4096, 512, 1408
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    seconds = min(timed(lambda: a @ b, device, 3) for _ in range(3))
+    return {"gflops": round(2 * m * k * n / seconds / 1e9, 1), "shape": f"{m}x{k} @ {k}x{n}",
+            "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads()}
+
+
+def span_step_flops(config, batch: int, context: int, span: int) -> float:
+    """FLOPs of one denoising step (2 per multiply-add): the span's tokens through every layer,
+    their attention over the cached context and the span, and the output head at every span position."""
+    from training.step import body_parameters
+
+    tokens = batch * span
+    body = 2 * body_parameters(config) * tokens
+    attention = config.n_layers * 4 * (context + span) * config.d_model * tokens
+    head = 2 * config.d_model * config.vocab_size * tokens
+    return float(body + attention + head)
+
+
 def timed(fn, device, reps: int) -> float:
     """Median seconds of fn() over reps runs, after one warm-up."""
     fn()
@@ -229,7 +257,7 @@ def kv_bytes(config, context_len: int, element_size: int) -> int:
     return 2 * config.n_layers * context_len * config.d_model * element_size
 
 
-def bench_denoiser(backend, plan: Plan, bandwidth_gbps: float) -> dict:
+def bench_denoiser(backend, plan: Plan, bandwidth_gbps: float, matmul_gflops: float) -> dict:
     config = backend.model.config
     element = backend.model.embed.weight.element_size()
     weights = weight_bytes(backend.model)
@@ -240,8 +268,12 @@ def bench_denoiser(backend, plan: Plan, bandwidth_gbps: float) -> dict:
             step, _ = step_timer(backend, ctx, span_len, batch)
             seconds = timed(step, backend.device, plan.step_reps)
             read = weights + batch * kv_bytes(config, ctx, element)
+            flops = span_step_flops(config, batch, ctx, span_len)
+            bound = flops / (matmul_gflops * 1e9)
             rows.append({
                 "span": span_len, "batch": batch, "context": ctx, "step_ms": round(seconds * 1000, 4),
+                # The step's arithmetic, the time it takes at the measured matmul rate, and how far off that the step is.
+                "gflop": round(flops / 1e9, 4), "bound_ms": round(bound * 1000, 4), "x_bound": round(seconds / bound, 2),
                 "weights_gbps": round(weights / seconds / 1e9, 3),
                 "weights_and_kv_gbps": round(read / seconds / 1e9, 3),
                 "bandwidth_fraction": round(read / seconds / 1e9 / bandwidth_gbps, 4),
@@ -510,6 +542,7 @@ def headline(report: dict, plan: Plan) -> dict:
     ar = report["autoregressive"]["tokens_per_s"]
     out = {"span": plan.headline_span, "context": report["denoiser"]["context"], "autoregressive_tokens_per_s": ar}
     if rows:
+        out["step"] = {k: rows[0][k] for k in ("step_ms", "gflop", "bound_ms", "x_bound")}
         by_steps = rows[0]["tokens_per_s_by_steps"]
         out["denoiser_tokens_per_s_by_steps"] = by_steps
         out["ratio_to_autoregressive_by_steps"] = {s: round(v / ar, 2) for s, v in by_steps.items()}
@@ -613,6 +646,10 @@ def main(argv: list[str] | None = None) -> int:
         from tools import typing_bench
 
         return typing_bench.main([a for a in argv if a != "--typing"])
+    if "--engine" in argv:
+        from tools import engine_bench
+
+        return engine_bench.main([a for a in argv if a != "--engine"])
     args, rest = build_parser().parse_known_args(argv)
     args.argv = argv
     if args.soak is not None:
@@ -656,7 +693,12 @@ def run(model_dir: Path, args: argparse.Namespace, plan: Plan) -> dict:
         "model": {"dir": str(model_dir), "parameters": backend.parameters, "dtype": str(backend.dtype).replace("torch.", ""),
                   "config": backend.config.to_json(), "step_runner": type(backend.batcher.step_runner).__name__},
     }
-    report["denoiser"] = bench_denoiser(backend, plan, bandwidth["gbps"])
+    report["device"]["matmul"] = matmul_rate(device, backend.dtype)
+    report["denoiser"] = bench_denoiser(backend, plan, bandwidth["gbps"], report["device"]["matmul"]["gflops"])
+    for row in report["denoiser"]["rows"]:
+        print(f"step span {row['span']:>3} batch {row['batch']:>2} context {row['context']}: {row['step_ms']:.2f} ms, "
+              f"{row['gflop']:.3f} GFLOP, {row['bound_ms']:.2f} ms at {report['device']['matmul']['gflops']:g} GFLOP/s "
+              f"({row['x_bound']:.1f}x the bound)", file=sys.stderr)
     report["autoregressive"] = bench_autoregressive(backend, plan)
     report["real_fills"] = real_fills(backend, plan)
     report["context_scaling"] = bench_context_scaling(backend, plan)
