@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine", action="store_true",
                         help="measure the team engine instead: the hop against in-process, and requests/s for "
                              "1, 4 and 16 clients against 1 and 2 replicas (`parafill bench --engine --help`)")
+    parser.add_argument("--open-models", action="store_true",
+                        help="what each open model's shape costs on this CPU: load time, memory, fill latency in "
+                             "fp32/bf16/int8 (`parafill bench --open-models --help`)")
     parser.add_argument("--typing", action="store_true",
                         help="type a real file forward through a real server, a few characters per request: "
                              "context K/V reuse and latency (`parafill bench --typing --help`)")
@@ -642,6 +645,10 @@ def main(argv: list[str] | None = None) -> int:
         from tools import contention_bench
 
         return contention_bench.main([a for a in argv if a != "--contended"])
+    if "--open-models" in argv:
+        from tools import open_model_bench
+
+        return open_model_bench.main(["--cpu-costs", *[a for a in argv if a != "--open-models"]])
     if "--typing" in argv:
         from tools import typing_bench
 

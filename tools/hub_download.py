@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from denoiser.catalogue import NEEDED_FILES, PICKLE_SUFFIXES, ModelRef, family_of_config, is_wanted
+from denoiser.catalogue import PICKLE_SUFFIXES, ModelRef, family_of_config, is_wanted, missing_needed
 from denoiser.hub_cache import hub_cache_dir, repo_folder
 
 # Room left on the disk beyond the files themselves (the cache's own bookkeeping, logs, ...).
@@ -167,7 +167,7 @@ def choose_files(files: list[HubFile], ref: ModelRef) -> tuple[list[HubFile], li
         found = ", ".join(pickles[:3]) or "no weights at all"
         raise PullError(f"{ref.repo_id} has no safetensors weights ({found}); parafill loads safetensors only, "
                         "because loading a pickle can run arbitrary code")
-    missing = [name for name in NEEDED_FILES if name not in names]
+    missing = missing_needed(names)
     if missing:
         raise PullError(f"{ref.repo_id} has no {' or '.join(missing)}, which parafill needs to load the model; "
                         "nothing was downloaded")

@@ -1,8 +1,10 @@
-"""Benchmark open-model span denoising against autoregressive baselines (random weights).
+"""Benchmark open diffusion models: GPU span decoding, and each catalogue model's cost on this CPU.
 
-Speed does not depend on weight values, so Qwen2-shaped models (0.5B, 1.5B, 7B)
-get random bf16 weights of the real shapes. For a 64-token span over a 1k-token
-context it reports, in one run on one device:
+Speed does not depend on weight values, so models get random weights of the
+real shapes where the real ones are not at hand.
+
+GPU mode (default; `python -m tools.open_model_bench --shapes 0.5B,7B`): for a
+64-token span over a 1k-token context, in one run on one device,
 
 - parafill's span decoding at 1, 2, 4 and 8 tokens per step, dual cache
   (full pass every `refresh_every` steps, span-only passes between) and exact;
@@ -10,21 +12,57 @@ context it reports, in one run on one device:
 - (b) the same model decoded autoregressively with a static K/V cache and CUDA
   graphs (`torch.compile(mode="reduce-overhead")`), when CUDA is present;
 
-as tokens/s, the ratio to (a), and GB/s of weights read. Meant for the GPU
-machine (`python -m tools.open_model_bench --shapes 0.5B,7B`); `--shapes
-tiny --device cpu` is a smoke run. Not used by the server.
+as tokens/s, the ratio to (a), and GB/s of weights read. `--shapes tiny
+--device cpu` is a smoke run.
+
+CPU mode (`--cpu-costs`): what each catalogue model costs on the user's CPU.
+Per distinct shape (the five Dream-family 7B entries share one) it uses the
+real weights when `parafill model pull` has put them in the Hugging Face cache,
+else writes a real-shaped random checkpoint (bf16 safetensors, the family's
+tensor names and config.json, a synthetic tokenizer of the vocabulary's size),
+and then, for each weight format (bf16, int8, fp32), in a fresh process so the
+memory figures are the model's own:
+
+- load time through the real loader, from a cold page cache (the files are
+  evicted with posix_fadvise first, where the kernel allows);
+- resident memory once ready (after the first completion: weights the loader
+  leaves memory-mapped are read then, and that completion's time is reported
+  as well) and at its peak;
+- the latency of one inline completion: a span of 32 over a 1k-token context
+  (3/4 before the cursor, code from this repository), N denoising steps (a fixed
+  step budget, no early stop, so every request does the same work), dual cache;
+  p50/p99 over the requests, tokens/s, GB/s of weights read;
+- the time of one full pass (every position) and one span-only pass, which is
+  what reusing context keys/values across keystrokes could save at best
+  (`KV_REUSE` says why these families cannot reuse them exactly);
+- the greedy fills, compared token by token with fp32's (bf16's where fp32 is
+  not run): how far int8 and bf16 keep the outputs.
+
+Not used by the server.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+from denoiser.catalogue import CATALOGUE, DREAM, LLADA, OPEN_DCODER, CatalogueEntry, ModelShape, parse_model_name
 from denoiser.open_models.families import TransformerShape
 from denoiser.open_models.network import BidirectionalTransformer, KVStore, LayerWeights
+
+REPO = Path(__file__).resolve().parents[1]
 
 SHAPES = {
     "tiny": TransformerShape(512, 64, 2, 4, 2, 16, 128, 1e6, 1e-6, True, True, 4096),
@@ -138,22 +176,463 @@ def run_benchmark(shape_names: list[str], device: torch.device, context: int = 1
     return rows
 
 
+# --- CPU mode: what each catalogue model costs on this machine's CPU ------------------------
+
+PRECISIONS = ("bf16", "int8", "fp32")
+
+# Whether a family can keep the context's keys/values from one keystroke to the next.
+KV_REUSE = {
+    DREAM: "no exact reuse: attention is bidirectional (no causal mask), so every context position's keys and "
+           "values depend on the span and the suffix, which change as the user types",
+    LLADA: "no exact reuse: bidirectional, as Dream",
+    OPEN_DCODER: "no exact reuse: a Qwen2ForCausalLM checkpoint, but trained and sampled without the causal mask "
+                 "(Open-dLLM), so bidirectional as Dream; running it causally would be another model",
+}
+KV_REUSE_APPROXIMATE = (
+    "Within one request parafill already reuses approximate context keys/values (Fast-dLLM's dual cache: a full "
+    "pass every refresh_every steps, span-only passes between). Carrying them across keystrokes would at best "
+    "turn the request's first full pass into a span-only one, with staleness that grows with every edit and no "
+    "bound short of a refresh; the measured saving is `full_pass_s - window_pass_s` per request. Not implemented.")
+
+
+@dataclass
+class CostPlan:
+    """The knobs of one CPU run."""
+
+    context: int = 1024
+    span: int = 32
+    steps: int = 8
+    refresh_every: int = 4
+    requests: int = 10
+    warmup: int = 1
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    pass_repeats: int = 2
+
+
+def shape_key(shape: ModelShape, family: str) -> str:
+    return f"{family}-{shape.layers}x{shape.hidden}-v{shape.vocab}"
+
+
+def shape_parameters(shape: ModelShape) -> int:
+    h, kv = shape.hidden, shape.kv_heads * (shape.hidden // shape.heads)
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * shape.intermediate + 2 * h
+    return shape.vocab * h * (1 if shape.tied_embeddings else 2) + shape.layers * per_layer + h
+
+
+# --- a real-shaped random checkpoint ---------------------------------------------------------
+
+def synthetic_tokenizer(family: str, vocab_rows: int):
+    """A tokenizer as large as the real one (the loader checks it fits the embedding): characters, fillers, specials."""
+    from tokenizers import Tokenizer, decoders, models
+
+    from tools.tiny_open import _CHARS, _SPECIALS
+
+    specials = _SPECIALS[family]
+    names = list(dict.fromkeys(specials.values())) + ["<unk>"]
+    size = vocab_rows - 64  # the real tokenizers also stop short of the padded embedding
+    fillers = [f"\u27e8t{i}\u27e9" for i in range(size - len(names) - len(_CHARS))]
+    vocab = {tok: i for i, tok in enumerate(names + _CHARS + fillers)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.add_special_tokens(names)
+    tok.decoder = decoders.Fuse()
+    return tok, specials
+
+
+def write_random_checkpoint(family: str, shape: ModelShape, model_dir: Path, seed: int = 0,
+                            shard_bytes: int = 2 * 1024 ** 3, progress: Callable[[str], None] = print) -> None:
+    """A bf16 safetensors checkpoint of `shape` in `family`'s layout, written shard by shard (bounded memory)."""
+    from safetensors.torch import save_file
+
+    from denoiser.open_models.families import family_spec
+    from tools.tiny_open import family_config
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer, specials = synthetic_tokenizer(family, shape.vocab)
+    ids = {k.replace("_token", "_token_id"): tokenizer.token_to_id(v) for k, v in specials.items()}
+    config = family_config(family, ids, tie=shape.tied_embeddings, layers=shape.layers, hidden=shape.hidden,
+                           heads=shape.heads, kv_heads=shape.kv_heads, intermediate=shape.intermediate,
+                           vocab_rows=shape.vocab, rope_theta=shape.rope_theta, max_positions=shape.max_positions)
+    tokenizer.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({**specials, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    (model_dir / "config.json").write_text(json.dumps(config, indent=1))
+    expected = family_spec(config).expected_tensors()
+    gen = torch.Generator().manual_seed(seed)
+    shard: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    written = held = total = 0
+
+    def flush() -> None:
+        nonlocal shard, held, written
+        if shard:
+            written += 1
+            fname = f"model-{written:05d}.safetensors"
+            save_file(shard, str(model_dir / fname), metadata={"format": "pt"})
+            weight_map.update({n: fname for n in shard})
+            progress(f"  wrote {fname} ({held / 1e9:.1f} GB)")
+        shard, held = {}, 0
+
+    for name, dims in expected.items():
+        if (len(dims) == 1 and "norm" in name) or name.endswith("ln_f.weight"):
+            tensor = torch.ones(dims, dtype=torch.bfloat16)
+        else:
+            tensor = (torch.randn(dims, generator=gen, dtype=torch.float32) * 0.02).to(torch.bfloat16)
+        nbytes = tensor.numel() * 2
+        if held and held + nbytes > shard_bytes:
+            flush()
+        shard[name] = tensor
+        held += nbytes
+        total += nbytes
+    flush()
+    # Final names carry the shard count, as the hub's do.
+    renamed = {}
+    for i in range(1, written + 1):
+        old, new = f"model-{i:05d}.safetensors", f"model-{i:05d}-of-{written:05d}.safetensors"
+        (model_dir / old).rename(model_dir / new)
+        renamed[old] = new
+    index = {"metadata": {"total_size": total}, "weight_map": {n: renamed[f] for n, f in weight_map.items()}}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def evict_page_cache(model_dir: Path) -> bool:
+    """Drop the weight files from the page cache so the load reads the disk; False where the kernel will not."""
+    done = True
+    for path in sorted(model_dir.glob("*.safetensors")):
+        try:
+            fd = os.open(path.resolve(), os.O_RDONLY)
+            try:
+                os.fsync(fd)  # pages still being written back would stay cached
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        except (OSError, AttributeError):
+            done = False
+    return done
+
+
+# --- one measurement, in its own process ------------------------------------------------------
+
+def proc_memory() -> dict:
+    """Resident memory of this process, GiB: now (total, anonymous, file-backed) and peak."""
+    fields = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                fields[key] = int(value.split()[0]) * 1024 / 1024 ** 3
+    except OSError:
+        import resource
+        fields["VmHWM"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1024 ** 3
+    return {"rss_gib": fields.get("VmRSS"), "anon_gib": fields.get("RssAnon"), "file_gib": fields.get("RssFile"),
+            "peak_gib": fields.get("VmHWM")}
+
+
+def code_corpus(chars: int) -> str:
+    """About `chars` characters of source text for the prompts: this repository's Python, in a fixed order."""
+    parts, held = [], 0
+    for path in sorted(p for d in ("denoiser", "fim", "tools") for p in (REPO / d).rglob("*.py")):
+        parts.append(path.read_text(encoding="utf-8", errors="replace"))
+        held += len(parts[-1])
+        if held >= chars:
+            break
+    return "\n\n".join(parts)
+
+
+def prompts(backend, plan: CostPlan, count: int) -> list[tuple[list[int], list[int]]]:
+    """`count` (head, tail) pairs of `plan.context` tokens around the cursor, in the family's layout."""
+    special = backend.tokenizer.special
+    lead = [special.bos] if backend.spec.bos_before_prefix and special.bos is not None else []
+    trail = [special.eos] if backend.spec.eos_after_suffix and special.eos is not None else []
+    before = plan.context * 3 // 4 - len(lead)
+    after = plan.context - plan.context * 3 // 4 - len(trail)
+    window = before + plan.span + after
+    # Code runs 3-4 characters a token in these vocabularies; 6 leaves distinct windows for every request.
+    ids = backend.tokenizer.encode(code_corpus(6 * window * (count + 1)))
+    stride = max(1, (len(ids) - window) // max(count, 1))
+    out = []
+    for i in range(count):
+        start = (i * stride) % max(1, len(ids) - window)
+        chunk = ids[start:start + window]
+        out.append((lead + chunk[:before], chunk[before + plan.span:] + trail))
+    return out
+
+
+def measure(model_dir: Path, precision: str, plan: CostPlan, evict: bool) -> dict:
+    """Load once, then time `plan.requests` fills; runs in the child process."""
+    from denoiser.backend import ModelLoadError
+    from denoiser.open_models import load_open_model
+    from denoiser.open_models.span_decoder import SpanDecoder, SpanDecodeSettings
+
+    torch.set_num_threads(plan.threads)
+    cold = evict_page_cache(model_dir) if evict else False
+    start, cpu_start = time.perf_counter(), time.process_time()
+    try:
+        backend = load_open_model(model_dir, "cpu", dtype={"bf16": torch.bfloat16, "fp32": torch.float32}.get(precision),
+                                  int8=precision == "int8")
+    except ModelLoadError as exc:
+        return {"precision": precision, "skipped": str(exc)}
+    load_s, load_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+    loaded = proc_memory()
+    model = backend.model
+    special = backend.tokenizer.special
+    # No end tokens and a threshold no probability reaches: exactly `steps` passes, the same work every request.
+    decoder = SpanDecoder(model, mask_id=special.mask, stop_ids=frozenset(), shift_logits=backend.spec.shift_logits,
+                          never_emit=frozenset(t for t in (special.bos,) if t is not None), end_id=special.eos or 0)
+    settings = SpanDecodeSettings(initial=plan.span, maximum=plan.span, grow_by=plan.span, threshold=2.0,
+                                  steps=plan.steps, cache_mode="dual", refresh_every=plan.refresh_every)
+    inputs = prompts(backend, plan, plan.warmup + plan.requests)
+    latencies, cpu_times, fills, steps, full_passes = [], [], [], set(), set()
+    first_s = ready = None
+    for i, (head, tail) in enumerate(inputs):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        result = decoder.decode(head, tail, settings)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        if i == 0:
+            # Weights the loader left memory-mapped (a checkpoint already in the target dtype) are read
+            # from disk by the first completion, so it, not the load, pays for them.
+            first_s, ready = elapsed, proc_memory()
+        if i >= plan.warmup:
+            latencies.append(elapsed)
+            cpu_times.append(cpu)
+            fills.append(result.tokens)
+            steps.add(result.steps)
+            full_passes.add(result.full_passes)
+    (full_s, full_cpu_s), (window_s, window_cpu_s) = pass_seconds(model, inputs[0], plan, decoder.shift)
+    latencies.sort()
+    p50 = statistics.median(latencies)
+    p99 = latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]
+    weight_bytes = model.weight_bytes()
+    n_full = max(full_passes)
+    n_window = max(steps) - n_full
+    return {
+        "precision": precision, "load_s": load_s, "load_cpu_s": load_cpu_s, "cold_load": cold,
+        "memory_after_load": loaded, "first_completion_s": first_s, "memory_ready": ready,
+        "memory_end": proc_memory(), "weight_gib": weight_bytes / 1024 ** 3, "parameters": model.parameters(),
+        "latency_s": latencies, "p50_s": p50, "p99_s": p99, "mean_s": statistics.fmean(latencies),
+        "tokens_per_s": plan.span / p50, "steps": sorted(steps), "full_passes": sorted(full_passes),
+        # CPU seconds: on a busy machine wall time includes waiting for a core; CPU time / threads
+        # is what the same work would take with the cores to itself.
+        "cpu_s": cpu_times, "cpu_p50_s": statistics.median(cpu_times),
+        "full_pass_s": full_s, "window_pass_s": window_s, "full_pass_cpu_s": full_cpu_s,
+        "window_pass_cpu_s": window_cpu_s,
+        # Every pass reads every weight once (bar the embedding rows it skips).
+        "weights_gb_per_s": (n_full + n_window) * weight_bytes / p50 / 1e9,
+        "fills": fills, "threads": torch.get_num_threads(),
+    }
+
+
+def pass_seconds(model: BidirectionalTransformer, prompt: tuple[list[int], list[int]], plan: CostPlan,
+                 shift: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(wall, CPU) seconds of one exact full pass over the whole prompt, and of one span-only (dual-cache) pass."""
+    head, tail = prompt
+    start = len(head)
+    seq = torch.randint(0, 100, (len(head) + plan.span + len(tail),))
+    seq[:start] = torch.tensor(head)
+    seq[start + plan.span:] = torch.tensor(tail, dtype=torch.long)
+    rows = (torch.arange(start, start + plan.span) - shift).clamp(min=0)
+    kv = KVStore()
+    timings: dict[str, list[tuple[float, float]]] = {"full": [], "window": []}
+    lo = int(rows[0])
+    for _ in range(plan.pass_repeats):
+        for kind, run in (("full", lambda: model.full(seq, rows=rows, kv=kv)),
+                          ("window", lambda: model.window(seq[lo:start + plan.span], lo, kv, rows=rows - lo))):
+            t, c = time.perf_counter(), time.process_time()
+            run()
+            timings[kind].append((time.perf_counter() - t, time.process_time() - c))
+    return min(timings["full"]), min(timings["window"])
+
+
+def measure_in_child(model_dir: Path, precision: str, plan: CostPlan, evict: bool = True) -> dict:
+    """Run `measure` in a fresh interpreter, so memory and load time are this model's alone."""
+    job = json.dumps({"model_dir": str(model_dir), "precision": precision, "plan": asdict(plan), "evict": evict})
+    env = {**os.environ, "OMP_NUM_THREADS": str(plan.threads), "MKL_NUM_THREADS": str(plan.threads)}
+    run = subprocess.run([sys.executable, "-m", "tools.open_model_bench", "--measure-one", job], cwd=REPO, env=env,
+                         capture_output=True, text=True, check=False)
+    lines = run.stdout.strip().splitlines()
+    if run.returncode != 0 or not lines:
+        tail = (run.stderr or run.stdout).strip().splitlines()[-3:]
+        killed = " (killed: out of memory?)" if run.returncode in (-9, 137) else ""
+        return {"precision": precision, "skipped": f"measurement failed, exit {run.returncode}{killed}: "
+                                                   + " | ".join(tail)}
+    return json.loads(lines[-1])
+
+
+def agreement(result: dict, reference: dict) -> dict:
+    """How far `result`'s greedy fills match `reference`'s, request by request."""
+    same = total = identical = 0
+    for a, b in zip(result["fills"], reference["fills"]):
+        total += max(len(a), len(b))
+        same += sum(x == y for x, y in zip(a, b))
+        identical += a == b
+    return {"against": reference["precision"], "tokens_equal": same / total if total else None,
+            "fills_identical": identical / len(result["fills"]) if result["fills"] else None}
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cached_weights(entries: list[CatalogueEntry]) -> tuple[CatalogueEntry, Path] | None:
+    from denoiser.hub_cache import snapshot_of
+
+    for entry in entries:
+        snapshot = snapshot_of(parse_model_name(entry.name))
+        if snapshot is not None:
+            return entry, snapshot
+    return None
+
+
+def run_cpu_costs(entries: list[CatalogueEntry], precisions: list[str], plan: CostPlan, workdir: Path, *,
+                  use_cache: bool = True, keep: bool = False, say: Callable[[str], None] = print) -> dict:
+    """Measure every distinct shape among `entries` in every format of `precisions`; the report as a dict."""
+    groups: dict[str, list[CatalogueEntry]] = {}
+    for entry in entries:
+        groups.setdefault(shape_key(entry.shape, entry.family), []).append(entry)
+    report = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": plan.threads,
+                          "torch": torch.__version__, "quantized_engine": torch.backends.quantized.engine,
+                          "memory_gib": _meminfo("MemTotal"), "available_gib_at_start": _meminfo("MemAvailable"),
+                          "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+              "plan": asdict(plan), "kv_reuse": KV_REUSE, "kv_reuse_approximate": KV_REUSE_APPROXIMATE, "shapes": []}
+    for key, group in groups.items():
+        first = group[0]
+        found = cached_weights(group) if use_cache else None
+        row = {"shape": key, "family": first.family, "models": [e.name for e in group],
+               "parameters": shape_parameters(first.shape), "results": []}
+        if found is not None:
+            row["weights"] = f"real ({found[0].name}, from the Hugging Face cache)"
+            model_dir, written = found[1], False
+        else:
+            row["weights"] = "random, real shape"
+            model_dir, written = workdir / key, True
+            need = shape_parameters(first.shape) * 2
+            free = shutil.disk_usage(workdir).free
+            if free < need * 1.1:
+                row["skipped"] = f"needs {need / 1e9:.1f} GB of disk in {workdir} for the random checkpoint, " \
+                                 f"{free / 1e9:.1f} GB free"
+                report["shapes"].append(row)
+                say(f"{key}: skipped, {row['skipped']}")
+                continue
+            say(f"{key}: writing a random {first.family} checkpoint ({need / 1e9:.1f} GB) to {model_dir}")
+            start = time.perf_counter()
+            write_random_checkpoint(first.family, first.shape, model_dir, progress=say)
+            row["write_s"] = time.perf_counter() - start
+        try:
+            for precision in precisions:
+                say(f"{key}: measuring {precision} ({plan.warmup}+{plan.requests} requests, {plan.threads} threads)")
+                result = measure_in_child(model_dir, precision, plan)
+                row["results"].append(result)
+                say(f"  {summary_line(result)}")
+        finally:
+            if written and not keep:
+                shutil.rmtree(model_dir, ignore_errors=True)
+        measured = {r["precision"]: r for r in row["results"] if "skipped" not in r}
+        reference = measured.get("fp32") or measured.get("bf16")
+        for result in measured.values():
+            if reference is not None and result is not reference:
+                result["agreement"] = agreement(result, reference)
+        report["shapes"].append(row)
+    return report
+
+
+def _meminfo(key: str) -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024 ** 2
+    except OSError:
+        pass
+    return None
+
+
+def summary_line(r: dict) -> str:
+    if "skipped" in r:
+        return f"{r['precision']:>5}: skipped: {r['skipped']}"
+    mem = r.get("memory_ready") or r["memory_after_load"]
+    agree = r.get("agreement")
+    agreed = f"  agree/{agree['against']} {agree['tokens_equal']:.0%}" if agree and agree["tokens_equal"] is not None else ""
+    first = f" + first {r['first_completion_s']:.1f} s" if r.get("first_completion_s") else ""
+    return (f"{r['precision']:>5}: load {r['load_s']:6.1f} s{first}{'' if r['cold_load'] else ' (warm)'}  "
+            f"RSS {mem['rss_gib']:5.2f} GiB (peak {r['memory_end']['peak_gib']:.2f})  "
+            f"p50 {r['p50_s']:6.2f} s  p99 {r['p99_s']:6.2f} s  (CPU {r['cpu_p50_s']:.2f} s)  "
+            f"{r['tokens_per_s']:6.2f} tok/s  {r['weights_gb_per_s']:5.1f} GB/s  "
+            f"full pass {r['full_pass_s']:.2f} s, span pass {r['window_pass_s']:.3f} s{agreed}")
+
+
+def print_cpu_report(report: dict) -> None:
+    m, plan = report["machine"], report["plan"]
+    print(f"\n{m['cpu']}: {plan['threads']} threads of {m['cores']} cores, {m['memory_gib']:.0f} GiB; "
+          f"torch {m['torch']}; load average {m['load_average_at_start']} at the start")
+    print(f"one inline completion: span {plan['span']}, context {plan['context']} tokens, {plan['steps']} steps "
+          f"(dual cache, full pass every {plan['refresh_every']}), {plan['requests']} requests")
+    for row in report["shapes"]:
+        print(f"\n{row['shape']} ({row['parameters'] / 1e9:.2f} B parameters; {row.get('weights', '-')}): "
+              f"{', '.join(row['models'])}")
+        if "skipped" in row:
+            print(f"  skipped: {row['skipped']}")
+        for r in row["results"]:
+            print(f"  {summary_line(r)}")
+        print(f"  context K/V across keystrokes: {KV_REUSE[row['family']]}")
+
+
+# --- entry point -----------------------------------------------------------------------------
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--measure-one"]:
+        job = json.loads(argv[1])
+        print(json.dumps(measure(Path(job["model_dir"]), job["precision"], CostPlan(**job["plan"]), job["evict"])))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="0.5B,1.5B,7B", help=f"comma list of {', '.join(SHAPES)}")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cpu-costs", action="store_true",
+                        help="measure each catalogue model on this CPU (load, memory, one inline completion)")
+    parser.add_argument("--shapes", default="0.5B,1.5B,7B", help=f"GPU mode: comma list of {', '.join(SHAPES)}")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="GPU mode: device")
     parser.add_argument("--context", type=int, default=1024)
-    parser.add_argument("--span", type=int, default=64)
+    parser.add_argument("--span", type=int, default=None, help="span tokens (GPU mode 64, CPU mode 32)")
     parser.add_argument("--refresh-every", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-baselines", action="store_true", help="skip the transformers baselines")
-    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--repeats", type=int, default=3, help="GPU mode: timed repeats")
+    parser.add_argument("--no-baselines", action="store_true", help="GPU mode: skip the transformers baselines")
+    parser.add_argument("--models", default="all", help="CPU mode: comma list of catalogue names, or all")
+    parser.add_argument("--precisions", default="bf16,int8", help=f"CPU mode: comma list of {', '.join(PRECISIONS)}")
+    parser.add_argument("--steps", type=int, default=8, help="CPU mode: denoising steps per completion")
+    parser.add_argument("--requests", type=int, default=10, help="CPU mode: timed completions per model and format")
+    parser.add_argument("--warmup", type=int, default=1, help="CPU mode: untimed completions first")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU mode: torch threads")
+    parser.add_argument("--random", action="store_true", help="CPU mode: random weights even when the real ones are cached")
+    parser.add_argument("--workdir", default=None, help="CPU mode: where random checkpoints are written (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="CPU mode: keep the random checkpoints")
+    parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
+    if args.cpu_costs:
+        names = [e.name for e in CATALOGUE] if args.models == "all" else args.models.split(",")
+        unknown = sorted(set(names) - {e.name for e in CATALOGUE})
+        bad = sorted(set(args.precisions.split(",")) - set(PRECISIONS))
+        if unknown or bad:
+            parser.error(f"unknown model(s) {unknown} or format(s) {bad}; see `parafill model list`")
+        plan = CostPlan(context=args.context, span=args.span or 32, steps=args.steps, refresh_every=args.refresh_every,
+                        requests=args.requests, warmup=args.warmup, threads=args.threads)
+        workdir = Path(args.workdir or tempfile.mkdtemp(prefix="parafill-open-bench-"))
+        workdir.mkdir(parents=True, exist_ok=True)
+        entries = [e for e in CATALOGUE if e.name in names]
+        report = run_cpu_costs(entries, args.precisions.split(","), plan, workdir, use_cache=not args.random,
+                               keep=args.keep, say=lambda line: print(line, file=sys.stderr, flush=True))
+        print_cpu_report(report)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1))
+        return 0
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    rows = run_benchmark(args.shapes.split(","), device, args.context, args.span, refresh_every=args.refresh_every,
+    span = args.span or 64
+    rows = run_benchmark(args.shapes.split(","), device, args.context, span, refresh_every=args.refresh_every,
                          repeats=args.repeats, baselines=not args.no_baselines)
-    print(f"device: {name}; context {args.context}, span {args.span}")
+    print(f"device: {name}; context {args.context}, span {span}")
     for r in rows:
         ratio = f"{r['ratio']:.2f}x" if r.get("ratio") else "-"
         gbs = f"{r['gb_s']:.0f} GB/s" if r.get("gb_s") else ""

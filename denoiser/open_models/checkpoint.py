@@ -141,11 +141,20 @@ def inspect_directory(model_dir: Path | str) -> CheckpointPlan:
     return CheckpointPlan(model_dir, config, spec, {n: headers[n][0] for n in expected}, stored)
 
 
-def estimate_bytes(spec: FamilySpec, dtype: torch.dtype, max_tokens: int = 4096) -> int:
-    """Weights in `dtype` plus a dual-cache K/V of `max_tokens` positions and activation headroom."""
+def estimate_bytes(spec: FamilySpec, dtype: torch.dtype, max_tokens: int = 4096, *, int8: bool = False) -> int:
+    """Weights in `dtype` plus a dual-cache K/V of `max_tokens` positions and activation headroom.
+
+    With `int8`, the projections (and the output head, a second copy when tied)
+    take a byte per weight, the embedding table two (bf16), activations fp32."""
     s = spec.shape
     elt = torch.empty((), dtype=dtype).element_size()
     weights = s.parameter_count() * elt
+    if int8:
+        elt = 4
+        embedding = s.vocab_size * s.hidden_size
+        head = embedding  # own head, or the tied one's int8 copy
+        projections = s.parameter_count() - embedding - (0 if s.tie_embeddings else head)
+        weights = 2 * embedding + head + projections
     kv = 2 * s.num_layers * s.num_kv_heads * s.head_dim * max_tokens * elt
     activations = max_tokens * (4 * s.hidden_size + 2 * s.intermediate_size) * 4 + 256 * s.vocab_size * 4
     return weights + kv + activations
@@ -167,14 +176,16 @@ def available_bytes(device: torch.device) -> int | None:
         return None
 
 
-def check_fits(spec: FamilySpec, device: torch.device, dtype: torch.dtype, available: int | None = None) -> int:
+def check_fits(spec: FamilySpec, device: torch.device, dtype: torch.dtype, available: int | None = None, *,
+               int8: bool = False) -> int:
     """Refuse a model whose estimated footprint exceeds the device's free memory."""
-    need = estimate_bytes(spec, dtype)
+    need = estimate_bytes(spec, dtype, int8=int8)
     have = available if available is not None else available_bytes(device)
     if have is not None and need > have:
         gib = 1024 ** 3
         raise ModelLoadError(
-            f"this {spec.family} model needs about {need / gib:.1f} GiB on {device} in {str(dtype).replace('torch.', '')}, "
+            f"this {spec.family} model needs about {need / gib:.1f} GiB on {device} in "
+            f"{'int8' if int8 else str(dtype).replace('torch.', '')}, "
             f"but only {have / gib:.1f} GiB is free; use a smaller model, a bigger device, or free memory first"
         )
     return need

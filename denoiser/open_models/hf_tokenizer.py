@@ -1,10 +1,14 @@
 """The tokenizer of an open model directory, and the special tokens infilling needs.
 
 Reads tokenizer.json with the `tokenizers` library (no `transformers` at run
-time) and finds mask / bos / eos / pad in tokenizer_config.json,
-special_tokens_map.json and config.json, in that order. Checks that the
-tokenizer belongs to the weights (its ids fit the embedding, the mask token
-agrees with config.json) before any weight is read.
+time). Repositories that ship only the slow tokenizer's files (vocab.json +
+merges.txt, as some Dream-family models do) get the same byte-level BPE that
+`transformers`' Qwen2 tokenizer builds from them, with the added tokens at the
+ids tokenizer_config.json (`added_tokens_decoder`) or added_tokens.json give.
+Finds mask / bos / eos / pad in tokenizer_config.json, special_tokens_map.json
+and config.json, in that order. Checks that the tokenizer belongs to the weights
+(its ids fit the embedding, the mask token agrees with config.json) before any
+weight is read.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from denoiser.backend import ModelLoadError
 from denoiser.open_models.families import LLADA, OPEN_DCODER, FamilySpec
@@ -20,6 +24,13 @@ from denoiser.open_models.families import LLADA, OPEN_DCODER, FamilySpec
 # Tokens that end a generated middle in the families' vocabularies.
 END_TOKEN_TEXTS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<eos>")
 MASK_TOKEN_TEXTS = ("<|mask|>", "[MASK]", "<mask>", "<|mdm_mask|>")
+
+# Slow tokenizers whose vocab.json + merges.txt are Qwen2's byte-level BPE (Dream's
+# tokenization_dream.py is Qwen2's tokenizer under another name).
+QWEN2_TOKENIZER_CLASSES = ("qwen2tokenizer", "qwen2tokenizerfast", "dreamtokenizer")
+# transformers' Qwen2 tokenizer: split pattern, then byte-level mapping without its own regex.
+QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                           r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
 @dataclass(frozen=True)
@@ -61,14 +72,101 @@ class OpenModelTokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def load_tokenizer(model_dir: Path, spec: FamilySpec, config: dict) -> OpenModelTokenizer:
-    path = model_dir / "tokenizer.json"
-    if not path.exists():
-        raise ModelLoadError(f"{path}: missing; parafill needs the model's tokenizer.json (the fast-tokenizer file)")
+def _added_tokens(model_dir: Path, tokenizer_config: dict) -> list[tuple[int, AddedToken]]:
+    """(id, token) of every added token, from tokenizer_config.json's added_tokens_decoder, else added_tokens.json."""
+    decoder = tokenizer_config.get("added_tokens_decoder")
+    if isinstance(decoder, dict) and decoder:
+        out = []
+        for key, value in decoder.items():
+            if not (str(key).isdigit() and isinstance(value, dict) and isinstance(value.get("content"), str)):
+                raise ModelLoadError(f"{model_dir / 'tokenizer_config.json'}: added_tokens_decoder entry {key!r} is not "
+                                     "an id with a content string; the file is damaged")
+            out.append((int(key), AddedToken(value["content"], single_word=bool(value.get("single_word", False)),
+                                             lstrip=bool(value.get("lstrip", False)),
+                                             rstrip=bool(value.get("rstrip", False)),
+                                             normalized=bool(value.get("normalized", False)),
+                                             special=bool(value.get("special", True)))))
+        return sorted(out, key=lambda item: item[0])
+    added = _read_json(model_dir / "added_tokens.json")
+    if not all(isinstance(v, int) for v in added.values()):
+        raise ModelLoadError(f"{model_dir / 'added_tokens.json'}: expected token -> id; the file is damaged")
+    return sorted(((tid, AddedToken(text, normalized=False, special=True)) for text, tid in added.items()),
+                  key=lambda item: item[0])
+
+
+def qwen2_tokenizer_from_files(model_dir: Path, tokenizer_config: dict) -> Tokenizer:
+    """The fast tokenizer `transformers` builds from a Qwen2-style vocab.json + merges.txt (+ added tokens)."""
+    vocab_path, merges_path = model_dir / "vocab.json", model_dir / "merges.txt"
+    vocab = _read_json(vocab_path)
+    if not vocab or not all(isinstance(v, int) for v in vocab.values()):
+        raise ModelLoadError(f"{vocab_path}: expected a JSON object of token -> id; the file is damaged")
     try:
-        tok = Tokenizer.from_file(str(path))
+        # Split on newlines only: str.splitlines would also break at characters a vocabulary may hold.
+        lines = [line.rstrip("\r") for line in merges_path.read_text(encoding="utf-8").split("\n")]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{merges_path}: unreadable ({exc})") from exc
+    merges = []
+    for number, line in enumerate(lines, 1):
+        if not line or (number == 1 and line.startswith("#version")):
+            continue
+        pair = line.split(" ")
+        if len(pair) != 2:
+            raise ModelLoadError(f"{merges_path}:{number}: expected two tokens separated by one space; the file is damaged")
+        merges.append((pair[0], pair[1]))
+    added = _added_tokens(model_dir, tokenizer_config)
+    by_id = {tid: text for text, tid in vocab.items()}
+    for tid, token in added:
+        # Added tokens go into the model's vocabulary at their own ids, so ids past a gap stay right.
+        if by_id.get(tid, token.content) != token.content:
+            raise ModelLoadError(f"{model_dir}: added token {token.content!r} has id {tid}, which vocab.json gives to "
+                                 f"{by_id[tid]!r}; the tokenizer files disagree")
+        vocab.setdefault(token.content, tid)
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None,
+                                   continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
+                                   byte_fallback=False))
     except Exception as exc:  # tokenizers raises its own Exception subclass
-        raise ModelLoadError(f"{path}: cannot be read by the tokenizers library ({exc})") from exc
+        raise ModelLoadError(f"{merges_path}: the tokenizers library refuses these merges ({exc}); "
+                             "vocab.json and merges.txt do not belong together") from exc
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=bool(tokenizer_config.get("add_prefix_space", False)),
+                                 use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([t for _, t in added if t.special])
+    tok.add_tokens([t for _, t in added if not t.special])
+    for tid, token in added:
+        if tok.token_to_id(token.content) != tid:
+            raise ModelLoadError(f"{model_dir}: added token {token.content!r} should have id {tid} but the tokenizer "
+                                 f"gives {tok.token_to_id(token.content)}; the tokenizer files disagree")
+    return tok
+
+
+def read_tokenizer(model_dir: Path) -> Tokenizer:
+    """tokenizer.json, else the Qwen2-style vocab.json + merges.txt; a ModelLoadError naming the fix otherwise."""
+    path = model_dir / "tokenizer.json"
+    if path.exists():
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises its own Exception subclass
+            raise ModelLoadError(f"{path}: cannot be read by the tokenizers library ({exc})") from exc
+    if not ((model_dir / "vocab.json").exists() and (model_dir / "merges.txt").exists()):
+        raise ModelLoadError(f"{path}: missing; parafill needs the model's tokenizer.json (the fast-tokenizer file), "
+                             "or its vocab.json and merges.txt")
+    tokenizer_config = _read_json(model_dir / "tokenizer_config.json")
+    tokenizer_class = str(tokenizer_config.get("tokenizer_class") or "Qwen2Tokenizer")
+    if tokenizer_class.lower() not in QWEN2_TOKENIZER_CLASSES:
+        raise ModelLoadError(f"{model_dir}: no tokenizer.json, and its vocab.json + merges.txt are for "
+                             f"{tokenizer_class}, which parafill cannot rebuild (it rebuilds Qwen2-style byte-level "
+                             "BPE only); add the model's tokenizer.json")
+    return qwen2_tokenizer_from_files(model_dir, tokenizer_config)
+
+
+def load_tokenizer(model_dir: Path, spec: FamilySpec, config: dict) -> OpenModelTokenizer:
+    tok = read_tokenizer(model_dir)
+    path = model_dir / ("tokenizer.json" if (model_dir / "tokenizer.json").exists() else "vocab.json")
 
     vocab = spec.shape.vocab_size
     size = tok.get_vocab_size(with_added_tokens=True)
@@ -77,7 +175,7 @@ def load_tokenizer(model_dir: Path, spec: FamilySpec, config: dict) -> OpenModel
     if size > vocab or vocab - size > max(1024, vocab // 50):
         raise ModelLoadError(
             f"{path}: tokenizer has {size} tokens but config.json's embedding has {vocab} rows; "
-            "tokenizer.json does not belong to these weights: copy the model's own tokenizer files"
+            f"{path.name} does not belong to these weights: copy the model's own tokenizer files"
         )
 
     settings = {**_read_json(model_dir / "special_tokens_map.json"), **_read_json(model_dir / "tokenizer_config.json")}
@@ -87,7 +185,7 @@ def load_tokenizer(model_dir: Path, spec: FamilySpec, config: dict) -> OpenModel
         if text is not None:
             tid = tok.token_to_id(text)
             if tid is None:
-                raise ModelLoadError(f"{model_dir}: {key} {text!r} is not in tokenizer.json; the tokenizer files disagree")
+                raise ModelLoadError(f"{model_dir}: {key} {text!r} is not in {path.name}; the tokenizer files disagree")
             return tid
         cid = config.get(f"{key}_id")
         return int(cid) if isinstance(cid, int) else None

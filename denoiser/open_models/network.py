@@ -15,6 +15,12 @@ loading writes each checkpoint tensor straight into place). Two entry points:
 Both return logits only for the requested rows (the vocabulary projection of
 1k positions would dominate the cost otherwise). This module knows nothing of
 tokenizers, prompts or checkpoint files.
+
+Weights are plain tensors (fp32/bf16/fp16), or `Int8Linear` for the
+projections of a CPU model loaded with int8 weights: each output channel
+stored as int8 with its own scale, each call's activations quantized to int8
+per token, an int8 matmul, fp32 out (those models run their activations in
+fp32). The embedding table then stays in bf16.
 """
 from __future__ import annotations
 
@@ -26,15 +32,63 @@ import torch.nn.functional as F
 from denoiser.open_models.families import TransformerShape
 
 
+class Int8Linear:
+    """A (out, in) weight matrix as int8 per output channel, multiplied in int8 with per-token activation scales.
+
+    Symmetric scales (absmax / 127) for each output channel of the weight and,
+    at each call, for each row of the input; the product runs as an int8 x int8
+    -> int32 matmul (`torch._int_mm`) and is rescaled to fp32. Per-token scales
+    keep one large activation from flattening every other row of the call.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        if weight.device.type != "cpu":
+            raise ValueError("int8 weights run on the CPU only")
+        w = weight.detach().float()
+        self.shape = tuple(w.shape)
+        self.scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        # Stored (in, out): the layout the int8 matmul reads.
+        self.weight_t = torch.round(w / self.scale[:, None]).clamp(-127, 127).to(torch.int8).t().contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, x.shape[-1]).float()
+        row_scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+        quantized = torch.round(rows / row_scale).to(torch.int8)
+        y = torch._int_mm(quantized, self.weight_t).float() * row_scale * self.scale
+        return y.view(*lead, self.shape[0])
+
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel() + 4 * self.shape[0]  # int8 values + one fp32 scale per output channel
+
+
+Weight = torch.Tensor | Int8Linear
+
+
+def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if isinstance(weight, Int8Linear):
+        y = weight(x)
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
+def weight_bytes(t: Weight) -> int:
+    return t.nbytes if isinstance(t, Int8Linear) else t.numel() * t.element_size()
+
+
 @dataclass
 class LayerWeights:
-    q_proj: torch.Tensor
-    k_proj: torch.Tensor
-    v_proj: torch.Tensor
-    o_proj: torch.Tensor
-    gate_proj: torch.Tensor
-    up_proj: torch.Tensor
-    down_proj: torch.Tensor
+    q_proj: Weight
+    k_proj: Weight
+    v_proj: Weight
+    o_proj: Weight
+    gate_proj: Weight
+    up_proj: Weight
+    down_proj: Weight
     attn_norm: torch.Tensor
     mlp_norm: torch.Tensor
     q_bias: torch.Tensor | None = None
@@ -56,22 +110,32 @@ class KVStore:
 
 class BidirectionalTransformer:
     def __init__(self, shape: TransformerShape, embed: torch.Tensor, final_norm: torch.Tensor,
-                 lm_head: torch.Tensor, layers: list[LayerWeights]) -> None:
+                 lm_head: Weight, layers: list[LayerWeights]) -> None:
         self.shape = shape
         self.embed = embed
         self.final_norm = final_norm
         self.lm_head = lm_head
         self.layers = layers
         self.device = embed.device
-        self.dtype = embed.dtype
+        # Activations run in the norms' dtype: the weights' own, or fp32 around int8 projections.
+        self.dtype = final_norm.dtype
         half = shape.head_dim // 2
         self._inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, half, device=self.device, dtype=torch.float32) * 2 / shape.head_dim))
 
-    def parameters(self) -> int:
+    def _weights(self) -> list[Weight]:
         tensors = [self.embed, self.final_norm] + ([] if self.lm_head is self.embed else [self.lm_head])
         for layer in self.layers:
             tensors += [t for t in vars(layer).values() if t is not None]
-        return sum(t.numel() for t in tensors)
+        return tensors
+
+    def parameters(self) -> int:
+        # A tied head quantized to int8 is a second copy of the embedding, not more parameters.
+        tied_copy = self.shape.tie_embeddings and self.lm_head is not self.embed
+        return sum(t.numel() for t in self._weights()) - (self.lm_head.numel() if tied_copy else 0)
+
+    def weight_bytes(self) -> int:
+        """Bytes the weights occupy (what one full pass reads, bar the embedding rows it skips)."""
+        return sum(weight_bytes(t) for t in self._weights())
 
     # -- building blocks -------------------------------------------------------------
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -96,9 +160,9 @@ class BidirectionalTransformer:
     def _qkv(self, layer: LayerWeights, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         s = self.shape
         lead = h.shape[:-1]  # (T,) or (B, T)
-        q = F.linear(h, layer.q_proj, layer.q_bias).view(*lead, s.num_heads, s.head_dim).transpose(-3, -2)
-        k = F.linear(h, layer.k_proj, layer.k_bias).view(*lead, s.num_kv_heads, s.head_dim).transpose(-3, -2)
-        v = F.linear(h, layer.v_proj, layer.v_bias).view(*lead, s.num_kv_heads, s.head_dim).transpose(-3, -2)
+        q = linear(h, layer.q_proj, layer.q_bias).view(*lead, s.num_heads, s.head_dim).transpose(-3, -2)
+        k = linear(h, layer.k_proj, layer.k_bias).view(*lead, s.num_kv_heads, s.head_dim).transpose(-3, -2)
+        v = linear(h, layer.v_proj, layer.v_bias).view(*lead, s.num_kv_heads, s.head_dim).transpose(-3, -2)
         return self._apply_rope(q, cos, sin), self._apply_rope(k, cos, sin), v
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -117,16 +181,16 @@ class BidirectionalTransformer:
 
     def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         h = self._rms(x, layer.mlp_norm)
-        return F.linear(F.silu(F.linear(h, layer.gate_proj)) * F.linear(h, layer.up_proj), layer.down_proj)
+        return linear(F.silu(linear(h, layer.gate_proj)) * linear(h, layer.up_proj), layer.down_proj)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(self._rms(x, self.final_norm), self.lm_head).float()
+        logits = linear(self._rms(x, self.final_norm), self.lm_head).float()
         if self.shape.logit_scale != 1.0:
             logits = logits * self.shape.logit_scale
         return logits
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(ids, self.embed)
+        x = F.embedding(ids, self.embed).to(self.dtype)
         return x * self.shape.input_scale if self.shape.input_scale != 1.0 else x
 
     # -- entry points ------------------------------------------------------------------
@@ -147,7 +211,7 @@ class BidirectionalTransformer:
             if kv is not None:
                 kv.keys.append(k.unsqueeze(0))
                 kv.values.append(v.unsqueeze(0))
-            x = x + F.linear(self._attend(q, k, v), layer.o_proj)
+            x = x + linear(self._attend(q, k, v), layer.o_proj)
             x = x + self._mlp(layer, x)
         return self._logits(x if rows is None else x[..., rows, :])
 
@@ -164,6 +228,6 @@ class BidirectionalTransformer:
             # The window's own keys/values replace its stale ones; the rest stays as cached.
             kv.keys[i][0, :, start:end] = k
             kv.values[i][0, :, start:end] = v
-            x = x + F.linear(self._attend(q, kv.keys[i][0], kv.values[i][0]), layer.o_proj)
+            x = x + linear(self._attend(q, kv.keys[i][0], kv.values[i][0]), layer.o_proj)
             x = x + self._mlp(layer, x)
         return self._logits(x if rows is None else x[rows])
