@@ -4,8 +4,10 @@
 `parafill complete FILE:LINE:COL` prints one suggestion and its timing through
 the same path the server uses (`lsp_server.suggest`); `parafill status` loads
 the model and prints what it is and where it runs. `train`, `eval`, `bench`,
-`corpus` and `model` hand their arguments to the module that does the work;
-`parafill model pull` is the only command that opens a network connection.
+`corpus`, `model` and `engine` hand their arguments to the module that does the work.
+Network connections: `parafill model pull` downloads; `parafill engine` serves a
+team engine (on 127.0.0.1 unless told otherwise); `parafill serve --engine URL`
+connects to that URL and nowhere else.
 Errors a user can hit (a bad model directory, a missing file) are one line and
 exit code 2.
 """
@@ -31,6 +33,8 @@ PASS_THROUGH = {
     "corpus": ("training.corpus", "build the training corpus"),
     "adapt": ("tools.adapt", "train a copy of the model on one repository's code (see `parafill adapt --help`)"),
     "model": ("tools.models", "list, pull (download), inspect or remove open models by name"),
+    "engine": ("team_engine.main", "serve the model to a team's editors from a Ray Serve cluster "
+                                   "(see `parafill engine --help`, docs/TEAM_ENGINE.md)"),
 }
 COMMANDS = ("serve", "complete", "status", *PASS_THROUGH)
 
@@ -81,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the language server over stdio (what editors start)")
     add_common_options(serve, suppress=True)
+    serve.add_argument("--engine", metavar="URL", default=None, type=setting_value("engine", str),
+                       help="send fills to the team engine at URL (`parafill engine`) instead of loading a model; "
+                            "its token comes from PARAFILL_ENGINE_TOKEN or --engine-token-file")
+    serve.add_argument("--engine-token-file", metavar="FILE", default=None,
+                       help="the team engine's token file (PARAFILL_ENGINE_TOKEN wins when set)")
 
     complete = commands.add_parser("complete", help="print one completion at FILE:LINE:COL and its timing")
     add_common_options(complete, suppress=True)
@@ -159,7 +168,7 @@ def run_serve(args: argparse.Namespace) -> int:
     fix_mmap_threshold()
     from lsp_server.server import create_server
 
-    create_server(args.model, args.device).start_io()
+    create_server(args.model, args.device, args.engine, args.engine_token_file).start_io()
     return 0
 
 

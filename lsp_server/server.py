@@ -7,7 +7,8 @@ it to lsprotocol types. Features: incremental sync, `textDocument/inlineCompleti
 settings from `initializationOptions` and `workspace/didChangeConfiguration`,
 background model loading with `$/progress`, and `parafill/status`.
 
-The server never edits a document, never opens a socket, and never runs torch
+The server never edits a document, opens no socket but the one to a team engine
+the user configured (`lsp_server.engine_client`), and never runs torch
 on the event loop (see `lsp_server.worker`). Bad input gives an empty result;
 malformed params get a JSON-RPC InvalidParams error.
 """
@@ -207,11 +208,14 @@ def _validation_details(exc: Exception) -> str:
 
 
 class ParafillServer(LanguageServer):
-    def __init__(self, model: str | None = None, device: str = "auto"):
+    def __init__(self, model: str | None = None, device: str = "auto", engine: str | None = None,
+                 engine_token_file: str | None = None):
         super().__init__("parafill", VERSION, protocol_cls=ParafillProtocol,
                          text_document_sync_kind=types.TextDocumentSyncKind.Incremental)
         self.cli_model = model or ""
         self.cli_device = device
+        self.cli_engine = engine or ""  # `serve --engine URL`: a team engine fills (the `engine` setting wins)
+        self.cli_engine_token_file = engine_token_file or ""
         self.initial_settings = Settings(device=device)
         # The settings the editor gave a value (the rest come from the command line or defaults).
         self.editor_settings: frozenset[str] = frozenset()
@@ -238,7 +242,10 @@ class ParafillServer(LanguageServer):
         super().report_server_error(error, source)
 
     def model_choice(self) -> ModelChoice:
-        return ModelChoice(model=self.settings.model or self.cli_model, device=self.settings.device)
+        return ModelChoice(model=self.settings.model or self.cli_model, device=self.settings.device,
+                           engine=self.settings.engine or self.cli_engine,
+                           engine_token_file=self.settings.engine_token_file or self.cli_engine_token_file,
+                           engine_fallback=self.settings.engine_fallback)
 
     def apply_settings(self, raw: Any, *, initial: bool = False) -> list[str]:
         """Take new settings (layered over the initialization options); returns the problems."""
@@ -326,11 +333,13 @@ class ParafillServer(LanguageServer):
 
     async def load_model(self) -> None:
         choice = self.model_choice()
-        report = await self._progress_begin(f"parafill: loading {choice.model or 'the default model'}")
-        await self.worker.load(choice, report, explain=self.explain_load_error)
+        title = f"connecting to {choice.engine}" if choice.engine else f"loading {choice.model or 'the default model'}"
+        report = await self._progress_begin(f"parafill: {title}")
+        await self.worker.load(choice, report, explain=self.explain_load_error, notify=self.engine_event)
         if self.worker.state == "error":
+            what = "cannot use the team engine" if choice.engine else "the model did not load"
             self.window_show_message(types.ShowMessageParams(
-                type=types.MessageType.Error, message=f"parafill: the model did not load: {self.worker.message}"))
+                type=types.MessageType.Error, message=f"parafill: {what}: {self.worker.message}"))
         log.info("model: %s (%s)", self.worker.state, self.worker.message)
         report(self.worker.message, None, end=True)
 
@@ -419,6 +428,10 @@ class ParafillServer(LanguageServer):
             self.stats.count("cancelled")
             raise
         except Exception as exc:
+            if getattr(exc, "reported", False):  # the team engine is away: said once already, answer empty
+                self.stats.count("engineUnavailable")
+                log.debug("%s at %s:%d: %s", kind, uri, position.line, exc)
+                return None
             self.stats.count("errors")
             log.error("%s at %s:%d failed: %s: %s", kind, uri, position.line, type(exc).__name__, exc)
             return None
@@ -431,8 +444,10 @@ class ParafillServer(LanguageServer):
 
     def adapted_candidate(self, uri: str) -> str | None:
         """The document's file path when a model adapted to its repository may answer: only
-        when neither the command line nor the settings named a model (a named model wins)."""
-        if self.model_choice().model or not uri.startswith("file:"):
+        when neither the command line nor the settings named a model (a named model wins),
+        and no team engine fills instead."""
+        choice = self.model_choice()
+        if choice.model or choice.engine or not uri.startswith("file:"):
             return None
         return to_fs_path(uri)
 
@@ -466,7 +481,15 @@ class ParafillServer(LanguageServer):
         # the adapted copies loaded so far (`parafill adapt`).
         report["answeredBy"] = self.worker.last_model
         report["adaptedModels"] = self.worker.adapted_models()
+        remote = getattr(getattr(engine, "backend", None), "remote_status", None)
+        if remote is not None:  # a team engine fills: its state, replicas and the context reuse through it
+            report["teamEngine"] = remote()
         return report
+
+    def engine_event(self, kind: str, message: str) -> None:
+        """The team engine went away or came back: said once to the editor, each time."""
+        kind_of = types.MessageType.Info if kind == "back" else types.MessageType.Warning
+        self.window_show_message(types.ShowMessageParams(type=kind_of, message=message))
 
     def open_documents_size(self) -> dict[str, int]:
         try:
@@ -486,10 +509,11 @@ def _label(text: str) -> str:
     return first if len(first) <= 60 else first[:57] + "..."
 
 
-def create_server(model: str | None = None, device: str = "auto") -> ParafillServer:
+def create_server(model: str | None = None, device: str = "auto", engine: str | None = None,
+                  engine_token_file: str | None = None) -> ParafillServer:
     """A server whose model is `model` (a directory; None = the embedded default)
-    on `device`, unless the client's settings name another."""
-    ls = ParafillServer(model, device)
+    on `device`, or the team engine at `engine`, unless the client's settings name another."""
+    ls = ParafillServer(model, device, engine, engine_token_file)
 
     @ls.feature(types.INITIALIZE)
     def initialize(ls: ParafillServer, params: types.InitializeParams) -> None:

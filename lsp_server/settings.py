@@ -9,11 +9,13 @@ transport, models or tensors.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 SECTION = "parafill"
 DEVICES = ("auto", "cpu", "cuda")
+ENGINE_FALLBACKS = ("none", "local")  # what answers while a team engine is unreachable
 # latencyBudgetMs when unset, per kind of device: room for the 8 steps of a 32-token span and
 # its context pass with the default model on a laptop CPU, and for a bigger model on a GPU; a
 # slower machine gets a shorter suggestion instead of a late one. Others count as "cpu".
@@ -34,11 +36,17 @@ class Settings:
     # Stop denoising after this many ms and show what is decoded so far (0 = no budget;
     # None = the device's default, DEFAULT_LATENCY_BUDGET_MS).
     latency_budget_ms: int | None = None
-    threads: int = 0  # torch CPU threads for completions; 0 = automatic (half the cores, at most 8)
+    # torch CPU threads for completions; 0 = automatic: half the cores, at most 8, and no more than
+    # the cores other running jobs leave idle, chosen again for each completion.
+    threads: int = 0
     enabled_languages: tuple[str, ...] = field(default=())  # language ids; empty = all
     max_snippets: int = 2  # regions of other open documents shown to the model
     repo_drafts: bool = True  # offer the model drafts from your own code (open documents and workspace files)
     verbose_logging: bool = False  # log source text and suggestions (off: never)
+    # A team engine (`parafill engine`) that fills instead of a model loaded here; "" = none.
+    engine: str = ""
+    engine_token_file: str = ""  # the engine's token file (PARAFILL_ENGINE_TOKEN wins when set)
+    engine_fallback: str = "none"  # "local": the local model answers while the engine is unreachable
 
 
 def latency_budget_ms(settings: Settings, device: str) -> int:
@@ -108,6 +116,27 @@ def _flag(value: Any) -> tuple[Any, str | None]:
     return value, None
 
 
+def _engine_url(value: Any) -> tuple[Any, str | None]:
+    expected = 'a URL such as "http://127.0.0.1:8765" (a `parafill engine`), or "" for none'
+    if not isinstance(value, str) or "\x00" in value:
+        return None, expected
+    if value.strip() and not re.fullmatch(r"https?://[^\s/?#@]+(?::\d+)?(?:/[^\s?#]*)?", value.strip()):
+        return None, expected
+    return value.strip(), None
+
+
+def _path_text(value: Any) -> tuple[Any, str | None]:
+    if not isinstance(value, str) or "\x00" in value:
+        return None, 'a file path (or "" for none)'
+    return value, None
+
+
+def _engine_fallback(value: Any) -> tuple[Any, str | None]:
+    if value not in ENGINE_FALLBACKS:
+        return None, "one of " + ", ".join(f'"{v}"' for v in ENGINE_FALLBACKS)
+    return value, None
+
+
 _CHECKS = {
     "model": _text,
     "device": _device,
@@ -124,6 +153,9 @@ _CHECKS = {
     "max_snippets": _whole(0, 16),
     "repo_drafts": _flag,
     "verbose_logging": _flag,
+    "engine": _engine_url,
+    "engine_token_file": _path_text,
+    "engine_fallback": _engine_fallback,
 }
 
 

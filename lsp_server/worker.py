@@ -107,6 +107,9 @@ class Supersession:
 class ModelChoice:
     model: str  # "" = the embedded default model
     device: str
+    engine: str = ""  # a team engine's URL: it fills instead of a model loaded here
+    engine_token_file: str = ""
+    engine_fallback: str = "none"  # "local": `model` on `device` answers while the engine is unreachable
 
 
 # Completions in flight at once: enough to fill a batch from a few editors; more
@@ -190,31 +193,51 @@ class ModelWorker:
             await self.call(engine.set_threads, threads)
 
     async def load(self, choice: ModelChoice, progress: Callable[[str, int], None],
-                   explain: Callable[[Exception], str] | None = None) -> None:
+                   explain: Callable[[Exception], str] | None = None,
+                   notify: Callable[[str, str], None] | None = None) -> None:
         """Load `choice` on the model thread; `progress` is called on the event loop.
 
         Never raises: a failure leaves state "error" and its reason in `message`,
-        as `explain` words it (default: the exception's first line).
+        as `explain` words it (default: the exception's first line). With a team
+        engine, `notify(kind, message)` hears on the event loop when it goes away or comes back.
         """
         self._loads += 1
         load_id = self._loads
         self.choice = choice
+        close = getattr(getattr(self.engine, "backend", None), "close", None)
+        if close is not None:  # a team engine's client: stop its reconnecting and its connections
+            close()
         self.engine = None
         with self._adapted_lock:
             self._adapted.clear()
         self.state = "loading"
-        self.message = f"loading {choice.model or 'the default model'} on {choice.device}"
+        self.message = (f"connecting to the team engine at {choice.engine}" if choice.engine else
+                        f"loading {choice.model or 'the default model'} on {choice.device}")
         loop = asyncio.get_running_loop()
         await self._drain(DRAIN_TIMEOUT_S)
 
         def report(message: str, percent: int) -> None:
             loop.call_soon_threadsafe(progress, message, percent)
 
+        def engine_event(kind: str, message: str) -> None:  # from the engine client's threads
+            if notify is not None and load_id == self._loads:
+                loop.call_soon_threadsafe(notify, kind, message)
+
         def job():
             if load_id != self._loads:
                 return None  # a newer load was asked for while this one waited: skip the work
             from denoiser.engine import Engine  # imports torch: on this thread, never on the loop
 
+            if choice.engine:
+                from denoiser.loading import load_backend
+                from lsp_server.engine_client import connect_engine
+
+                fallback = None
+                if choice.engine_fallback == "local":
+                    def fallback():
+                        return load_backend(choice.model or None, choice.device)
+                return connect_engine(choice.engine, choice.engine_token_file, notify=engine_event,
+                                      fallback=fallback, threads=self.threads)
             engine = Engine.load(choice.model or None, device=choice.device, progress=report)
             engine.set_threads(self.threads)
             return engine

@@ -1,6 +1,6 @@
 """Imports point one way between the rooms of the code.
 
-tools → lsp_server, training → denoiser → fim, kernels. Every import of every
+tools → lsp_server, training, team_engine → denoiser → fim, kernels. Every import of every
 module is read with `ast` (lazy ones inside functions included), so a module
 that reaches against that order fails here, by name and line. Only the CLI
 entry point may reach every room, to dispatch its subcommands.
@@ -21,7 +21,10 @@ ALLOWED = {
     "denoiser": {"fim", "kernels"},
     "lsp_server": {"denoiser", "fim", "kernels"},
     "training": {"denoiser", "fim", "kernels"},
-    "tools": {"lsp_server", "training", "denoiser", "fim", "kernels"},
+    "tools": {"lsp_server", "training", "team_engine", "denoiser", "fim", "kernels"},
+    # The team engine (`parafill engine`) runs the denoiser for many language servers; it talks
+    # to them over HTTP only, so neither side imports the other.
+    "team_engine": {"denoiser", "fim", "kernels"},
 }
 REACHES_EVERY_ROOM = {REPO / "lsp_server" / "cli.py"}
 
@@ -87,3 +90,18 @@ def test_denoiser_holds_no_training_code():
 def test_lsp_server_holds_only_the_server_and_cli():
     names = {p.name for p in modules_of("lsp_server")}
     assert not names & {"bench.py", "soak.py", "evaluate.py"}
+
+
+def test_only_the_team_engine_imports_ray():
+    # The language server and the model run without Ray; `parafill engine` alone needs it.
+    found = []
+    for room in sorted(ALLOWED):
+        if room == "team_engine":
+            continue
+        for path in modules_of(room):
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            for node in ast.walk(tree):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+                found += [f"{path.relative_to(REPO)}:{node.lineno}" for name in names if name.split(".")[0] == "ray"]
+    assert found == [], "ray imported outside team_engine/: " + ", ".join(found)

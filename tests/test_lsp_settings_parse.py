@@ -13,7 +13,7 @@ def test_defaults_round_trip_through_the_wire_names():
     assert set(wire) == {
         "model", "device", "contextTokens", "spanTokensLine", "spanTokensBlock", "steps",
         "confidenceThreshold", "minConfidence", "debounceMs", "latencyBudgetMs", "threads", "enabledLanguages",
-        "maxSnippets", "repoDrafts", "verboseLogging",
+        "maxSnippets", "repoDrafts", "verboseLogging", "engine", "engineTokenFile", "engineFallback",
     }
     parsed, problems = parse_settings(wire)
     assert (parsed, problems) == (Settings(), [])
@@ -38,6 +38,10 @@ def test_nested_and_flat_are_the_same():
     ("device", "CUDA:0"),
     ("enabledLanguages", [1, 2]),
     ("verboseLogging", "yes"),
+    ("engine", "ftp://127.0.0.1:8765"),
+    ("engine", "http://user:pw@127.0.0.1:8765"),
+    ("engine", 8765),
+    ("engineFallback", "sometimes"),
     ("model", 7),
 ])
 def test_a_bad_value_keeps_the_previous_one_and_says_why(key, value):

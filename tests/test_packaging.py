@@ -21,7 +21,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # parafill's own top-level names: the environment under test must get them from the wheel only.
-OWN = {"lsp_server", "denoiser", "fim", "kernels", "training", "tools"}
+OWN = {"lsp_server", "denoiser", "fim", "kernels", "training", "tools", "team_engine"}
 
 
 def run(*args, **kwargs) -> subprocess.CompletedProcess:

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import shutil
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -289,3 +291,107 @@ def test_verbose_logging_is_the_only_way_source_reaches_the_log(parafill_tiny_mo
     # Verbose logs show what the model wrote and pygls's messages in full; the switch works,
     # so the quiet log in the test above is quiet because of it.
     assert "raw fill" in log_text and "Sending data" in log_text, log_text[-2000:]
+
+
+# --- 2'. with a team engine: connections to its address only -----------------------------------
+
+AUDITED_ENGINE_CLIENT = '''
+"""`parafill serve --engine URL` under an audit hook: every connect, bind and name lookup is recorded,
+and any that is not the configured engine's address is refused."""
+import json, os, socket, sys
+
+RECORD = {record!r}
+ENGINE = ({host!r}, {port!r})
+ALLOWED_READ = tuple({allowed!r})
+_out = open(RECORD, "a", buffering=1)
+
+
+def _note(kind, detail):
+    _out.write(json.dumps({{"kind": kind, "detail": detail}}) + "\\n")
+
+
+def hook(event, args):
+    if event == "socket.connect":
+        address = args[1]
+        if isinstance(address, tuple) and tuple(address[:2]) == ENGINE:
+            _note("engine", repr(address))
+            return
+        if args[0].family == socket.AF_UNIX:
+            return
+        _note("network", "connect " + repr(address))
+        raise PermissionError("only the engine's address may be reached")
+    if event in ("socket.bind", "socket.sendto", "socket.sendmsg", "socket.gethostbyname",
+                 "socket.gethostbyaddr") and not (event == "socket.bind" and args[0].family == socket.AF_UNIX):
+        _note("network", event + " " + repr(args)[:200])
+        raise PermissionError(event + " is forbidden in this test")
+    if event == "socket.getaddrinfo" and args[0] != ENGINE[0]:
+        _note("network", "getaddrinfo " + repr(args)[:200])
+        raise PermissionError("only the engine's host may be looked up")
+    if event == "open":
+        path, mode, flags = args
+        if isinstance(path, int) or path is None:
+            return
+        path = os.path.abspath(os.fsdecode(path))
+        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+            isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND))
+        if writing:
+            _note("write", path)
+        elif not path.startswith(ALLOWED_READ):
+            _note("read", path)
+
+
+sys.addaudithook(hook)
+sys.path.insert(0, {repo!r})
+from lsp_server.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_with_a_team_engine_the_only_connections_go_to_its_address(parafill_tiny_model, tmp_path):
+    from tools.stand_in_engine import StandInEngine
+
+    token = "security-test-token-0123456789"
+    token_file = tmp_path / "engine.token"
+    token_file.write_text(token + "\n")
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    log_file = tmp_path / "logs" / "parafill.log"
+    log_file.parent.mkdir()
+    record = tmp_path / "audit.jsonl"
+    with StandInEngine(parafill_tiny_model, token) as engine:
+        script = tmp_path / "audited_engine_client.py"
+        allowed = [*_allowed_reads(parafill_tiny_model, log_file), str(token_file)]
+        script.write_text(AUDITED_ENGINE_CLIENT.format(record=str(record), host="127.0.0.1", port=engine.port,
+                                                       allowed=allowed, repo=str(REPO)))
+        argv = [sys.executable, str(script), "serve", "--device", "cpu", "--log-level", "debug",
+                "--log-file", str(log_file), "--engine", engine.url, "--engine-token-file", str(token_file)]
+        env = {k: v for k, v in os.environ.items() if k != "PARAFILL_ENGINE_TOKEN"}
+        running = session(parafill_tiny_model, server_argv=argv, settings={"repoDrafts": False}, env=env,
+                          work_dir=workspace)
+        with running as current:
+            assert current.status.get("state") == "ready", current.status
+            uri = (workspace / "app.py").as_uri()
+            current.soak.open(uri, "import os\n\ndef handler(event):\n    return ev\n")
+            for character in (13, 11, 9):
+                msg_id = current.pipe.request("textDocument/inlineCompletion", {
+                    "textDocument": {"uri": uri}, "position": {"line": 3, "character": character},
+                    "context": {"triggerKind": 1}})
+                current.soak.expect(msg_id, "inline", "result")
+            current.soak.collect(wait=True)
+            status = current.pipe.wait_for(current.pipe.request("parafill/status", {}), 30)["result"]
+            current.soak.close(uri)
+            current.soak.collect(wait=True)
+            deadline = time.monotonic() + 30  # closing a document tells the engine to forget it
+            while ("POST", "/v1/forget") not in engine.requests and time.monotonic() < deadline:
+                time.sleep(0.1)
+    assert current.soak.state.failures == [], current.soak.state.failures
+    assert status["teamEngine"]["state"] == "connected" and status["teamEngine"]["requests"]["answered"] >= 1
+    events = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [e for e in events if e["kind"] == "network"] == [], "the server reached beyond its engine"
+    assert [e for e in events if e["kind"] == "engine"], "the audit saw no connection to the engine"
+    reads = [e["detail"] for e in events if e["kind"] == "read" and Path(e["detail"]).exists()]
+    assert reads == [], f"the server read files beyond Python, its log and the token file: {reads[:20]}"
+    writes = sorted({e["detail"] for e in events if e["kind"] == "write"})
+    assert set(writes) <= {str(log_file)}, f"the server wrote files other than its log: {writes}"
+    assert token not in log_file.read_text(errors="replace"), "the engine's token reached the log"
+    assert ("POST", "/v1/fill") in engine.requests and ("POST", "/v1/forget") in engine.requests

@@ -1,0 +1,381 @@
+"""`parafill engine` on a real Ray cluster on 127.0.0.1, started and stopped here.
+
+One engine (two CPU replicas of a tiny random model, one thread each) serves
+the whole module: every route refuses a missing or wrong token before any model
+work; two documents land on two replicas and keep their context caches; an LSP
+session completes through it, and a cancelled request stops the replica's
+denoiser; a replica killed mid-request fails that request once, clearly, and
+the next one is answered; the engine killed mid-session is reported once to the
+editor, and when it is started again the server reconnects by itself.
+Skipped when Ray Serve is not installed (`pip install -e '.[engine]'`).
+"""
+from __future__ import annotations
+
+import asyncio
+import http.client
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+
+
+def ray_serve_installed() -> bool:
+    """Ray with its Serve extra, found without importing Ray (that takes seconds)."""
+    ray = importlib.util.find_spec("ray")
+    return (ray is not None and importlib.util.find_spec("starlette") is not None
+            and any((Path(p) / "serve").is_dir() for p in ray.submodule_search_locations or ()))
+
+
+pytestmark = [
+    pytest.mark.skipif(not ray_serve_installed(), reason="Ray Serve is not installed (pip install -e '.[engine]')"),
+    pytest.mark.timeout(1200),
+]
+
+from lsprotocol import types  # noqa: E402
+from pygls.exceptions import JsonRpcRequestCancelled  # noqa: E402
+from pytest_lsp import ClientServerConfig  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "team-engine-test-token-0123456789"
+START_TIMEOUT_S = 360  # a busy 2-core machine starts Ray's helper processes slowly (normally ~20 s)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EngineProcess:
+    """`python -m lsp_server engine ...` in a session of its own, with its Ray cluster."""
+
+    def __init__(self, model_dir: Path, port: int):
+        self.model_dir, self.port = model_dir, port
+        self.proc: subprocess.Popen | None = None
+        self.folder: Path | None = None
+        self.log = tempfile.NamedTemporaryFile(prefix="parafill-engine-", suffix=".log", delete=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "EngineProcess":
+        # Twice at most: on a machine busy enough that Ray's helper processes miss their start
+        # window (`parafill engine` already retries its cluster), a second engine usually starts.
+        for attempt in (1, 2):
+            if self._start_once():
+                return self
+            if attempt == 1:
+                self.stop()
+        self.stop()
+        pytest.fail(f"parafill engine did not start in {START_TIMEOUT_S} s:\n{self.log_text()[-4000:]}")
+
+    def _start_once(self) -> bool:
+        self.folder = Path(tempfile.mkdtemp(prefix="pfe-", dir="/tmp"))
+        env = {**os.environ, "PYTHONPATH": str(REPO), "PARAFILL_ENGINE_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
+        argv = [sys.executable, "-m", "lsp_server", "engine", "--model", str(self.model_dir), "--device", "cpu",
+                "--replicas", "2", "--threads", "1", "--num-cpus", "2", "--port", str(self.port),
+                "--ray-temp-dir", str(self.folder)]
+        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     start_new_session=True)
+        ready: list[str] = []
+        reader = threading.Thread(target=lambda: ready.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(START_TIMEOUT_S)
+        if not ready or not ready[0].strip():
+            return False
+        assert json.loads(ready[0])["url"] == self.url
+        return True
+
+    def log_text(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def kill(self) -> None:
+        """The engine dies (SIGKILL to it and its cluster); returns once its port refuses connections."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(30)
+        self._sweep()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            except OSError:
+                return
+            time.sleep(0.5)
+        pytest.fail("the killed engine's port still accepts connections")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(30)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Whatever of its cluster outlived it (only processes of this engine's own folder)."""
+        from team_engine.cluster import processes_under, stop_processes_under
+
+        if self.folder is None:
+            return
+        for folder in self.folder.glob("pfray-*"):
+            stop_processes_under(folder)
+            assert processes_under(folder) == []
+            shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def request(url: str, method: str, path: str, *, token: str | None = TOKEN, body: dict | None = None,
+            headers: dict | None = None) -> tuple[int, dict]:
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        sent = {**({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {})}
+        connection.request(method, path, body=json.dumps(body).encode() if body is not None else None, headers=sent)
+        response = connection.getresponse()
+        data = response.read()
+        try:
+            return response.status, json.loads(data)
+        except ValueError:
+            return response.status, {"raw": data.decode(errors="replace")}
+    finally:
+        connection.close()
+
+
+def replica_counts(url: str) -> dict[str, dict]:
+    """Each replica's counters (GET /v1/status lands on either replica: ask until both answered)."""
+    seen: dict[str, dict] = {}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status, answer = request(url, "GET", "/v1/status")
+        assert status == 200, answer
+        seen[answer["replica"]] = answer["counts"]
+        if len(seen) == 2:
+            return seen
+        time.sleep(0.05)
+    pytest.fail(f"only {len(seen)} replica(s) answered")
+
+
+@pytest.fixture(scope="module")
+def engine(parafill_tiny_model):
+    running = EngineProcess(parafill_tiny_model, free_port())
+    try:
+        yield running.start()
+    finally:
+        running.stop()
+        Path(running.log.name).unlink(missing_ok=True)
+
+
+def fill_body(document: str, prefix: str, *, slow: bool = False) -> dict:
+    from denoiser import wire
+    from fim.request import FimRequest, SpanPlan
+
+    span = SpanPlan("block", 128) if slow else SpanPlan("line", 8)
+    request_ = FimRequest(preamble="# app.py\n", prefix=prefix, suffix="\n", span=span)
+    decode = {"steps": 0, "confidence_threshold": 1.0, "budget_ms": None} if slow else \
+        {"steps": 4, "confidence_threshold": 0.9, "budget_ms": None}
+    return {"document": document, "request": wire.request_to_json(request_), "decode": decode}
+
+
+def test_every_route_refuses_a_missing_or_wrong_token_before_any_model_work(engine):
+    before = replica_counts(engine.url)
+    for path in ("/v1/fill", "/v1/health", "/v1/status", "/v1/forget", "/-/routes", "/-/healthz", "/anything"):
+        for method in ("GET", "POST"):
+            for token in (None, "wrong-token-0123456789abcdef", TOKEN[:-1]):
+                body = fill_body("doc", "x = ") if method == "POST" else None
+                status, answer = request(engine.url, method, path, token=token, body=body)
+                assert status == 401, (path, method, token, status, answer)
+                assert "token" in answer.get("error", ""), answer
+    status, _ = request(engine.url, "GET", "/v1/health", token=None, headers={"Authorization": f"Basic {TOKEN}"})
+    assert status == 401
+    after = replica_counts(engine.url)
+    assert {r: c["fills"] for r, c in after.items()} == {r: c["fills"] for r, c in before.items()}
+    # Refused by the proxy, before routing: the replicas never saw those requests at all.
+    assert {r: c["refused"] for r, c in after.items()} == {r: c["refused"] for r, c in before.items()}
+    status, health = request(engine.url, "GET", "/v1/health")
+    assert status == 200 and health["device"] == "cpu" and health["protocol"] == 1
+
+
+def test_two_documents_stay_on_two_replicas_and_keep_their_caches(engine, monkeypatch):
+    from lsp_server.engine_client import connect_engine
+    from lsp_server.settings import Settings
+    from lsp_server.suggest import suggest
+
+    monkeypatch.setenv("PARAFILL_ENGINE_TOKEN", TOKEN)
+    client = connect_engine(engine.url)
+    settings = Settings(min_confidence=0, steps=4, span_tokens_line=8, context_tokens=256, latency_budget_ms=0)
+
+    def typing_in(document: str, typing: str = "adl") -> set[str]:
+        """Three requests as the user types `typing` in `document`; the replicas that answered them."""
+        # Different text per document: the server's own completion cache answers equal contexts.
+        text = f"# {document}\nimport os\n\n\ndef read_lines(path):\n    with open(path) as handle:\n" \
+               "        return handle.re"
+        replicas = set()
+        for typed in range(1, 4):  # the context grows by a character each time
+            found = suggest(client, text + typing[:typed], 6, 26 + typed, document=document, settings=settings)
+            assert found.source == "model"
+            replicas.add(client.backend.replica_of(document))
+        return replicas
+
+    # Documents hash onto the replicas: open documents until two landed on different ones.
+    served_by: dict[str, str] = {}
+    for n in range(12):
+        document = f"file:///project/module_{n}.py"
+        replicas = typing_in(document)
+        assert len(replicas) == 1, f"{document} moved between replicas: {replicas}"
+        served_by[document] = replicas.pop()
+        if len(set(served_by.values())) == 2:
+            break
+    assert len(set(served_by.values())) == 2, f"every document went to one replica: {served_by}"
+    first, last = next(iter(served_by)), document
+    assert served_by[first] != served_by[last]
+    # Back to the first document: still its replica, whose cache still holds its context.
+    assert typing_in(first, "xyz") == {served_by[first]}
+    remote = client.backend.remote_status()
+    assert set(remote["replicas"]) == set(served_by.values())
+    for replica, figures in remote["replicas"].items():
+        # After each document's first request, its replica reused the cached context.
+        assert figures["contextKvReuse"] > 0.5, remote
+    assert client.status()["hit_rates"]["context_kv_reuse"] > 0.5
+    client.backend.close()
+
+
+# --- through a real LSP session ----------------------------------------------------------------
+
+FAST = {"spanTokensLine": 8, "spanTokensBlock": 8, "steps": 4, "debounceMs": 0, "contextTokens": 256,
+        "minConfidence": 0, "latencyBudgetMs": 0}
+SLOW = {**FAST, "spanTokensBlock": 128, "spanTokensLine": 128, "steps": 0, "confidenceThreshold": 1.0}
+URI = "file:///project/words.py"
+SOURCE = "import os\n\n\ndef count_words(text):\n    words = text.split()\n    return len(wo\n"
+
+
+def lsp_config(url: str):
+    return ClientServerConfig(
+        server_command=[sys.executable, "-m", "lsp_server", "serve", "--device", "cpu", "--engine", url],
+        server_env={**os.environ, "PYTHONPATH": str(REPO), "PARAFILL_ENGINE_TOKEN": TOKEN},
+    )
+
+
+@pytest.fixture
+async def lsp(engine, parafill_lsp):
+    client = await lsp_config(engine.url).start()
+    await client.initialize_session(parafill_lsp.init_params(None, FAST))
+    await parafill_lsp.wait_for_state(client)
+    yield client
+    await client.shutdown_session()
+
+
+async def test_an_lsp_session_completes_through_the_engine_and_cancels_there(lsp, parafill_lsp, engine):
+    status = await parafill_lsp.status(lsp)
+    assert status["teamEngine"]["state"] == "connected" and status["model"].endswith(f"via {engine.url}")
+    parafill_lsp.open(lsp, URI, SOURCE)
+    found = await parafill_lsp.inline(lsp, URI, 5, 17)
+    assert found.items and found.items[0].range.start == types.Position(line=5, character=17)
+    await parafill_lsp.inline(lsp, URI, 4, 24)
+    status = await parafill_lsp.status(lsp)
+    assert status["teamEngine"]["requests"]["answered"] == 2
+    assert status["hitRates"]["contextKvReuse"] > 0 and status["teamEngine"]["contextKvReuse"] > 0
+
+    # A cancelled LSP request cancels its engine request: the replica stops denoising.
+    before = sum(c["cancelled"] for c in replica_counts(engine.url).values())
+    parafill_lsp.configure(lsp, SLOW)
+    params = types.InlineCompletionParams(
+        text_document=types.TextDocumentIdentifier(uri=URI), position=types.Position(line=3, character=0),
+        context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Invoked))
+    pending = asyncio.wrap_future(lsp.protocol.send_request(types.TEXT_DOCUMENT_INLINE_COMPLETION, params,
+                                                            msg_id="cancel-me"))
+    await asyncio.sleep(1.0)
+    lsp.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="cancel-me"))
+    with pytest.raises(JsonRpcRequestCancelled):
+        await pending
+    parafill_lsp.configure(lsp, FAST)
+    deadline = time.monotonic() + 30
+    while sum(c["cancelled"] for c in replica_counts(engine.url).values()) != before + 1:
+        assert time.monotonic() < deadline, "the engine did not stop the cancelled request"
+        await asyncio.sleep(0.5)
+    assert (await parafill_lsp.status(lsp))["teamEngine"]["requests"]["cancelled"] == 1
+
+
+def test_a_replica_killed_mid_request_fails_that_request_once_and_the_next_is_answered(engine):
+    from lsp_server.engine_client import EngineError, RemoteBackend
+    from denoiser import wire
+
+    backend = RemoteBackend(engine.url, TOKEN)
+    assert backend.connect()
+    document = "file:///project/victim.py"
+    key = backend.document_key(document)
+    body = fill_body(key, "def handle(event):\n    ", slow=True)
+    request_, decode = wire.request_from_json(body["request"]), wire.decode_from_json(body["decode"])
+    outcome: list = []
+
+    def slow_fill():
+        started = time.monotonic()
+        try:
+            outcome.append(backend.fill(request_, decode, document=document, is_cancelled=lambda: False))
+        except Exception as exc:
+            outcome.append(exc)
+        outcome.append(time.monotonic() - started)
+
+    worker = threading.Thread(target=slow_fill)
+    worker.start()
+    time.sleep(1.0)
+    status, answer = request(engine.url, "GET", "/v1/status", headers={"x-session-id": key})
+    assert status == 200 and answer["counts"]["fills"] >= 1
+    os.kill(answer["pid"], signal.SIGKILL)  # the replica holding the document dies mid-fill
+    worker.join(120)
+    assert not worker.is_alive(), "the request in flight hung"
+    error, took = outcome
+    assert isinstance(error, EngineError), error
+    assert "replica" in str(error) and "Ray" in str(error), str(error)
+    # The next request for the document is answered (by the other replica, or Ray's replacement).
+    deadline = time.monotonic() + 60
+    fast = wire.decode_from_json({"steps": 4, "confidence_threshold": 0.9, "budget_ms": None})
+    short = wire.request_from_json(fill_body(key, "x = ")["request"])
+    while True:
+        try:
+            backend.fill(short, fast, document=document, is_cancelled=lambda: False)
+            break
+        except EngineError:
+            assert time.monotonic() < deadline, "no request was answered after the replica died"
+            time.sleep(1.0)
+    assert backend.state == "connected"
+    backend.close()
+
+
+async def test_the_engine_killed_mid_session_is_reported_once_and_found_again_when_restarted(lsp, parafill_lsp,
+                                                                                             engine):
+    parafill_lsp.open(lsp, URI, SOURCE)
+    assert (await parafill_lsp.inline(lsp, URI, 5, 17)).items
+    await asyncio.get_running_loop().run_in_executor(None, engine.kill)
+    for column in (10, 11, 12):
+        assert not (await parafill_lsp.inline(lsp, URI, 5, column)).items
+    warnings = [m.message for m in lsp.messages if "team engine" in m.message]
+    assert len(warnings) == 1 and "reconnects by itself" in warnings[0], warnings
+    status = await parafill_lsp.status(lsp)
+    assert status["teamEngine"]["state"] == "unreachable" and status["requests"]["engineUnavailable"] == 3
+
+    await asyncio.get_running_loop().run_in_executor(None, engine.start)
+    deadline = time.monotonic() + 60
+    while (await parafill_lsp.status(lsp))["teamEngine"]["state"] != "connected":
+        assert time.monotonic() < deadline, "the server did not reconnect to the restarted engine"
+        await asyncio.sleep(0.5)
+    assert (await parafill_lsp.inline(lsp, URI, 5, 14)).items
+    back = [m for m in lsp.messages if "is back" in m.message]
+    assert len(back) == 1 and back[0].type == types.MessageType.Info
+    assert len([m for m in lsp.messages if "team engine" in m.message]) == 2
