@@ -108,7 +108,7 @@ def suggest(
         count_tokens=getattr(engine, "count_tokens", None),
     )
     if drafts is not None and settings.repo_drafts:
-        request = with_draft(request, drafts, text, line, character, document)
+        request = with_draft(request, drafts, text, line, character, document, is_cancelled=is_cancelled)
     decode = decode_settings(settings, engine_device(engine), budget_started)
     completion = engine.complete(request, decode, document=document, is_cancelled=is_cancelled)
     final = postprocess(completion.text, request)
@@ -135,10 +135,14 @@ def suggest(
 
 
 def with_draft(request: FimRequest, drafts: DraftIndex, text: str, line: int, character: int,
-               document: str) -> FimRequest:
-    """`request` with the index's best draft at the cursor (the document's own text indexed first)."""
+               document: str, *, is_cancelled: Callable[[], bool] = lambda: False) -> FimRequest:
+    """`request` with the index's best draft at the cursor (the document's own text indexed first).
+
+    A request cancelled by then (its document closed, or edited) indexes nothing: the
+    close has taken the document out of the index, and its text must not come back.
+    """
     text = normalize_line_endings(text)  # the index and the request read "\n" line ends
-    drafts.update(document, text, pinned=True)
+    drafts.update(document, text, pinned=True, unless=is_cancelled)
     found = drafts.draft(document, text, LineIndex.of(text).offset_at(line, character), request.span.mode)
     if found is None:
         return request

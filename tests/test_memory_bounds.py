@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
 import threading
 import time
+import tracemalloc
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,9 +23,11 @@ from denoiser.config import ModelConfig
 from denoiser.engine import Engine
 from denoiser.kv_cache import ContextKVCache, kv_bytes
 from denoiser.model import KVBuffers, SpanDenoiser
-from fim import snippets
+from fim import ContextOptions, build_request, snippets
+from fim.drafts import DraftIndex
 from fim.request import FimRequest, SpanPlan
 from lsp_server.server import create_server
+from lsp_server.suggest import with_draft
 from lsp_server.worker import ModelWorker, Superseded, Supersession
 
 
@@ -263,3 +268,44 @@ def test_byte_bounded_cache_drops_least_recent_first_and_skips_what_cannot_fit()
     assert cache.get("c") is None and cache.get("b") == "B"
     cache.put("huge", "H", 101)
     assert cache.get("huge") is None and cache.stats() == {"entries": 2, "bytes": 80, "max_bytes": 100}
+
+
+# --- the drafts index: a closed document stays out; its bytes are what it holds ----------------
+def test_a_completion_that_outlives_its_documents_close_does_not_bring_it_back_to_the_drafts_index():
+    # Before: `with_draft` indexed the document (pinned, as an open one) from the completion's
+    # thread after the close had taken it out, and it stayed for good: 32 closed documents
+    # after 10,000 mixed soak operations, each pinned until the index passed 64 MiB.
+    uri, text = "file:///closed.py", "def fetch_user(session, user_id):\n    return session.get(user_id)\n" * 50
+    board, index = Supersession(), DraftIndex()
+    board.edited(uri)
+    ticket = board.begin(uri, "inline")  # the completion starts on the open document
+    index.update(uri, text, pinned=True)
+    # The close, in the server's order: the tickets first, then the index (drafts thread).
+    board.closed(uri)
+    index.unpin(uri)
+    index.remove(uri)
+    # The completion, still running, reaches the drafts now.
+    request = build_request(text, 3, 4, path="closed.py", language_id="python", options=ContextOptions())
+    with_draft(request, index, text, 3, 4, uri, is_cancelled=ticket.is_cancelled)
+    assert uri not in index and len(index) == 0 and index.bytes == 0
+    # An open document's own completion still indexes it.
+    board.edited(uri)
+    with_draft(request, index, text, 3, 4, uri, is_cancelled=board.begin(uri, "inline").is_cancelled)
+    assert uri in index and index.is_pinned(uri)
+
+
+def test_the_drafts_index_counts_what_it_holds():
+    # Its byte bound means something only if the count is honest (before: 2 bytes a character
+    # and 88 a line, about 0.65 of what the index really kept for real source files).
+    sources = sorted(Path(__file__).resolve().parents[1].glob("lsp_server/*.py"))
+    texts = [p.read_text(encoding="utf-8") + " " for p in sources]  # fresh strings: all the index's
+    index = DraftIndex(max_bytes=1 << 40)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for number, text in enumerate(texts):
+            index.update(f"file:///{number}.py", text, pinned=True)
+        held = tracemalloc.get_traced_memory()[0] - before + sum(sys.getsizeof(text) for text in texts)
+    finally:
+        tracemalloc.stop()
+    assert 0.9 * held <= index.bytes <= 1.5 * held, (index.bytes, held)

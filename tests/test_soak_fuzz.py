@@ -9,11 +9,13 @@ clean report: process up, every request answered properly, the server's copy
 of each document equal to the client's, memory flat, no traceback sent.
 `test_memory_stays_flat_while_files_come_and_go` (slow) opens, completes in and
 closes distinct files, each followed by an edit to the closed file, and fails
-if the server's memory grows past its bound.
+if the server's memory grows past its bound; `test_the_memory_bound_fails_a_server_that_keeps_closed_files`
+shows that bound failing a server that keeps every file it is sent.
 """
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -116,6 +118,8 @@ def test_soak(parafill_tiny_model):
     assert answers.get(f"error {INVALID_PARAMS}", 0) > 0 and answers.get("result", 0) > 100
     assert report["view_checks"] >= 10, "too few document comparisons to trust the run"
     assert report["memory"]["samples"] > 100 and not report["memory"]["growing"], report["memory"]
+    # Closes raced by completions still running leave nothing behind (drafts index, K/V, typed-ahead).
+    assert report["server_left_after_closing_all"] == {}
     assert report["exit_code"] == 0
 
 
@@ -136,10 +140,40 @@ def test_memory_stays_flat_while_files_come_and_go(parafill_tiny_model):
     assert report["ops"]["visit_file"] == 100 and report["items"] > 0
     # By the server's own account: no document left, no per-document cache entry, every cache in its bound.
     assert report["server_open_documents"] == {"count": 0, "bytes": 0}
+    assert report["server_left_after_closing_all"] == {}
     caches = report["server_caches"]
     assert caches["typedAhead"]["entries"] == 0 and caches["contextKv"]["entries"] == 0
     for name, cache in caches.items():
         assert cache["bytes"] <= cache["maxBytes"], (name, cache)
+
+
+# A server that keeps a copy of every file it is sent, never dropped (what a per-document
+# leak looks like): about 2 MB per 128 KB file.
+KEEPING_SERVER = """
+import sys
+from pygls.workspace import Workspace
+from lsp_server.cli import main
+kept, put = [], Workspace.put_text_document
+def put_and_keep(self, document, *args, **kwargs):
+    kept.append((document.text * 4).encode("utf-32"))
+    return put(self, document, *args, **kwargs)
+Workspace.put_text_document = put_and_keep
+sys.exit(main(["serve", *sys.argv[1:]]))
+"""
+
+
+@pytest.mark.slow
+def test_the_memory_bound_fails_a_server_that_keeps_closed_files(parafill_tiny_model):
+    # The bound of the test above must catch a leak, or its passing proves nothing: 30 files
+    # after the checkpoint leave about 60 MB behind, past the 16 MB allowed.
+    report = run_soak(40, seed=11, model_dir=parafill_tiny_model, traffic="files", file_chars=128 * 1024,
+                      checkpoints=(10,), rss_target=(10, 16.0),
+                      server_argv=[sys.executable, "-c", KEEPING_SERVER, "--device", "cpu"])
+    target = report["memory"]["target"]
+    print(json.dumps({"checkpoints_mb": report["memory"]["checkpoints_mb"], "target": target}))
+    assert not target["met"] and target["growth_mb"] > 16.0, target
+    assert any("resident memory grew" in failure for failure in report["failures"]), report["failures"]
+    assert report["ops"]["visit_file"] == 40 and report["exit_code"] == 0
 
 
 def test_soak_command_rejects_a_bad_count(capsys):

@@ -8,8 +8,9 @@ cancellations mid-flight, didClose while a request runs, unknown methods,
 malformed JSON and JSON-RPC, invalid params, oversized messages, a 10 MB
 document, 1 MB lines, NUL and control characters, lone surrogates; and the
 traffic of a working day: files closed and reopened, files visited for a moment,
-edits to files just closed, refused settings. `--traffic files` opens, completes
-in and closes N distinct files instead. The server's RSS is read after every
+edits to files just closed, bad settings (sent in didChangeConfiguration, and
+answered to the server's workspace/configuration). `--traffic files` opens,
+completes in and closes N distinct files instead. The server's RSS is read after every
 operation and drawn against operations (`plot_memory`).
 
 It keeps its own copy of every document and checks, through the ranges the
@@ -17,8 +18,9 @@ server answers at out-of-range positions (clamped into the server's copy),
 that both copies agree. A run fails on: the process dying, a request left
 unanswered, a wrong kind of answer (an invalid request must get InvalidParams,
 an unknown method MethodNotFound), a traceback reaching the client, the two
-copies of a document disagreeing, or resident memory still growing in the
-second half of the run. `run_soak` returns the figures as a dict.
+copies of a document disagreeing, resident memory still growing in the
+second half of the run, or the server still holding anything per document
+(`PER_DOCUMENT_CACHES`, open documents) once the client has closed them all. `run_soak` returns the figures as a dict.
 
 This module only drives and observes a server process; it never imports the
 server, torch or the model.
@@ -160,6 +162,8 @@ class LspPipe:
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
                                      env=env, cwd=cwd)
         self.configuration = configuration
+        # Sent once, in place of `configuration`, to the server's next workspace/configuration.
+        self.next_configuration: list[Any] = []
         self._lock = threading.Lock()
         self._arrived = threading.Condition()
         self.responses: dict[Any, dict] = {}
@@ -230,7 +234,8 @@ class LspPipe:
             method = message["method"]
             result: Any = None
             if method == "workspace/configuration":
-                result = [self.configuration for _ in message.get("params", {}).get("items", [])]
+                value = self.next_configuration.pop(0) if self.next_configuration else self.configuration
+                result = [value for _ in message.get("params", {}).get("items", [])]
             self.send({"jsonrpc": "2.0", "id": message["id"], "result": result})
             self.notifications[method] += 1
         elif "method" in message:
@@ -610,8 +615,12 @@ class Soak:
 
     def op_configuration(self) -> None:
         """Settings the server must refuse (each one keeps what it had), or an empty change
-        that makes it ask for its settings."""
-        self.pipe.notify("workspace/didChangeConfiguration", {"settings": self.rng.choice(BAD_SETTINGS)})
+        that makes it ask for its settings, answered now and then with bad values too."""
+        settings = self.rng.choice(BAD_SETTINGS)
+        if settings == {} and self.rng.random() < 0.5:
+            bad = self.rng.choice(BAD_SETTINGS)
+            self.pipe.next_configuration.append(bad.get("parafill", bad) if isinstance(bad, dict) else bad)
+        self.pipe.notify("workspace/didChangeConfiguration", {"settings": settings})
 
     def visit_files(self, n: int, *, file_chars: int = 0, late_edits: bool = False,
                     on_step: Callable[[int], None] = lambda i: None) -> None:
@@ -644,6 +653,23 @@ class Soak:
             on_step(i)
         self.status_request()
         self.collect(wait=True)
+
+    def close_all(self, timeout: float) -> dict[str, int]:
+        """Close every document the client has open; returns what the server still holds per
+        document once its closes have run (its status polled up to `timeout`), and fails the run
+        if that is anything."""
+        for uri in sorted(self.state.documents):
+            self.close(uri)
+        deadline = time.monotonic() + timeout
+        while True:
+            answer = self.pipe.wait_for(self.pipe.request("parafill/status", {}), timeout) or {}
+            left = per_document_leftovers(answer.get("result") or {})
+            if not left or time.monotonic() > deadline or not self.pipe.alive():
+                break
+            time.sleep(0.2)
+        if left:
+            self.fail(f"with every document closed, the server still holds per-document state: {left}")
+        return left
 
     def op_edit_in(self, uri: str) -> None:
         text = self.state.documents[uri]
@@ -887,6 +913,7 @@ def run_soak(
             model_dir = Path(model_dir).resolve()
         rss: list[tuple[int, int]] = []
         marked: dict[str, float] = {}
+        left_after_close: dict[str, int] | None = None
         end_status: dict = {}
         started = time.monotonic()
         duration = 0.0
@@ -897,7 +924,13 @@ def run_soak(
             warm_up = 3 if big_rounds and traffic == "mixed" else 0  # the first round of big operations
             unit = "operations" if traffic == "mixed" else "files"
 
+            reported = [0]  # failures already shown: a long run tells each one as it happens
+
             def on_step(i: int) -> None:
+                if progress and len(soak.state.failures) > reported[0]:
+                    for message in soak.state.failures[reported[0]:]:
+                        progress(f"failure after {i + 1} {unit}: {message[:600]}")
+                    reported[0] = len(soak.state.failures)
                 kb = pipe.rss_kb()
                 if kb is not None and i >= warm_up:
                     rss.append((i + 1, kb))
@@ -917,6 +950,7 @@ def run_soak(
                 kb = pipe.rss_kb()
                 if kb is not None:
                     marked["end"] = round(kb / 1024, 1)
+                left_after_close = soak.close_all(answer_timeout_s)
             duration = time.monotonic() - ready_at
         total = time.monotonic() - started
 
@@ -955,6 +989,8 @@ def run_soak(
         # What the server held at the end, by its own account (parafill/status).
         "server_caches": end_status.get("caches"),
         "server_open_documents": end_status.get("openDocuments"),
+        # What it still held per document once the client had closed every document (nothing, or a failure).
+        "server_left_after_closing_all": left_after_close,
         "exit_code": current.exit_code,
         "server_log_tracebacks": len(TRACEBACK.findall(current.log_text)),
         "bytes_received": pipe.bytes_received,
@@ -962,6 +998,19 @@ def run_soak(
 
 
 TRAFFIC = ("mixed", "files")
+# The caches of `parafill/status` that hold entries per open document (the others are keyed by text).
+PER_DOCUMENT_CACHES = ("typedAhead", "contextKv", "draftsIndex")
+
+
+def per_document_leftovers(status: dict) -> dict[str, int]:
+    """Entries a server's status shows per document: documents, and per-document cache entries."""
+    caches = status.get("caches") or {}
+    left = {name: caches[name]["entries"] for name in PER_DOCUMENT_CACHES
+            if isinstance(caches.get(name), dict) and caches[name].get("entries")}
+    documents = (status.get("openDocuments") or {}).get("count")
+    if documents:
+        left["openDocuments"] = documents
+    return left
 
 
 def _check_target(marked: dict[str, float], target: tuple[int, float], soak: Soak) -> dict:
@@ -1101,6 +1150,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_line(given: list[str]) -> str:
+    """The command that made a report, with what else shaped its figures: the environment
+    variables the server reads for threads and malloc, and the process's niceness."""
+    env = [f"{name}={os.environ[name]}" for name in ("OMP_NUM_THREADS", "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_")
+           if name in os.environ]
+    niceness = os.nice(0) if hasattr(os, "nice") else 0
+    return " ".join([*env, *(["nice", "-n", str(niceness)] if niceness else []), "parafill", "bench", "--soak", *given])
+
+
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
 
@@ -1129,7 +1187,7 @@ def main(argv: list[str] | None = None) -> int:
     given = list(sys.argv[1:] if argv is None else argv)
     if given[:1] == ["--operations"]:  # as `parafill bench --soak N` forwards it
         given = given[1:]
-    report["command"] = "parafill bench --soak " + " ".join(given)
+    report["command"] = command_line(given)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
