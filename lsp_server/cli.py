@@ -162,10 +162,11 @@ def load_engine(model: str | None, device: str):
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from lsp_server.memory import fix_mmap_threshold, limit_malloc_arenas
+    from lsp_server.memory import fix_mmap_threshold, limit_malloc_arenas, start_releasing_free_memory
 
     limit_malloc_arenas()  # before any thread starts (lsp_server/memory.py says why)
     fix_mmap_threshold()
+    start_releasing_free_memory()
     from lsp_server.server import create_server
 
     create_server(args.model, args.device, args.engine, args.engine_token_file).start_io()
