@@ -41,6 +41,9 @@ export const SETTINGS: readonly SettingSpec[] = [
   { key: 'enabledLanguages', type: 'string[]', server: true },
   { key: 'maxSnippets', type: 'integer', server: true, minimum: 0, maximum: 16 },
   { key: 'repoDrafts', type: 'boolean', server: true },
+  { key: 'engine', type: 'string', server: true },
+  { key: 'engineTokenFile', type: 'string', server: true },
+  { key: 'engineFallback', type: 'string', server: true, enum: ['none', 'local'] },
   { key: 'verboseLogging', type: 'boolean', server: true },
 ];
 

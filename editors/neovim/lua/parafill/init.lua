@@ -20,7 +20,8 @@ M.defaults = {
   -- Server settings, camelCase as on the wire (model, device, contextTokens,
   -- spanTokensLine, spanTokensBlock, steps, confidenceThreshold, minConfidence,
   -- debounceMs, latencyBudgetMs, threads, enabledLanguages, maxSnippets, repoDrafts,
-  -- verboseLogging).
+  -- verboseLogging,
+  -- engine, engineTokenFile, engineFallback).
   settings = {},
   -- Show suggestions as ghost text (needs Neovim >= 0.12).
   inline = true,
