@@ -242,3 +242,28 @@ def test_budgets_give_one_row_each_and_a_plot(tmp_path):
     assert report["settings"][0]["metrics"]["heldout"]["budget_cuts"] == 0
     assert "exact_match" in report["settings"][1]["metrics"]["heldout"]
     assert out.with_suffix(".budgets.png").stat().st_size > 0
+
+
+def test_the_completed_document_is_its_own_draft_source_and_is_forgotten(tmp_path):
+    """As in the editor with repoDrafts on: a line the document already holds is offered as a
+    draft at a cursor that starts the same way; the next item starts from an empty index."""
+    from dataclasses import replace
+
+    from denoiser.engine import Engine
+    from lsp_server.settings import Settings
+    from tools.tiny_native import make_tiny_model
+
+    engine = Engine.load(str(make_tiny_model(tmp_path / "model")), device="cpu")
+    text = "def area(shape):\n    return shape.width * shape.height\n\ndef other(shape):\n    return shape.\n"
+    line, character = 4, len("    return shape.")
+    placement = humaneval.EditorPlacement(text=text, offset=len(text) - 1, line=line, character=character,
+                                          expected="width * shape.height")
+    settings = replace(Settings(), min_confidence=0.0, steps=2)
+    path = evaluate.CompletionPath(engine, settings)
+    _, found, _ = path.complete(placement, path="shapes.py", language_id="python", document="eval:1")
+    assert found.request.draft == "width * shape.height"
+    assert found.draft in ("accepted", "repaired", "rejected")
+    assert "eval:1" not in path.drafts
+    alone = evaluate.CompletionPath(engine, replace(settings, repo_drafts=False))
+    _, found, _ = alone.complete(placement, path="shapes.py", language_id="python", document="eval:2")
+    assert alone.drafts is None and not found.request.draft and found.draft is None

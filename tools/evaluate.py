@@ -13,6 +13,11 @@ own `lsp_server.suggest`: a document and an LSP cursor position →
 - quality against denoising steps / confidence threshold, with tokens per step,
   latency per completion (p50/p90) and tokens per second.
 
+As in the editor with the default settings (`repoDrafts` on), the document being
+completed is in the drafts index, so a line it already holds can be proposed as
+a draft; nothing else is (no other file of its package). `--no-document-drafts`
+measures the model alone.
+
 Results go to a JSON file and a speed-versus-quality plot beside it. This module
 never runs generated code in its own process.
 """
@@ -33,6 +38,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from fim.drafts import DraftIndex
 from fim.positions import position_at
 from lsp_server.settings import Settings
 from lsp_server.suggest import suggest
@@ -200,6 +206,8 @@ class CompletionPath:
         self.settings = settings
         self.postprocess = postprocess
         self._suggest = suggest
+        # The server indexes every open document; here the one open document is the one completed.
+        self.drafts = DraftIndex() if settings.repo_drafts else None
 
     def complete(self, placement: EditorPlacement, *, path: str, language_id: str, document: str):
         """(completion text, the Suggestion, latency in ms) at the placement's cursor."""
@@ -212,9 +220,12 @@ class CompletionPath:
             path=path,
             language_id=language_id,
             settings=self.settings,
+            drafts=self.drafts,
         )
         text = found.text if self.postprocess else found.raw
         self.engine.forget(document)  # each item is a fresh document; keeps memory bounded
+        if self.drafts is not None:
+            self.drafts.remove(document)
         return (text or ""), found, found.total_ms
 
 
@@ -270,6 +281,9 @@ def summarise(attempts: list[Attempt]) -> dict:
         "mean_steps": _round(steps / len(model_runs)) if model_runs else None,
         "cached_answers": n - len(model_runs),
         "budget_cuts": sum(1 for a in attempts if a.extra.get("budget_cut")),
+        # How the model judged drafts from the document itself: accepted whole, repaired, rejected.
+        "drafts": {outcome: sum(1 for a in attempts if a.extra.get("draft") == outcome)
+                   for outcome in ("accepted", "repaired", "rejected")},
     }
     tested = [a for a in attempts if a.test is not None]
     if tested:
@@ -324,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="longest rest-of-line suggestion (default: the server's)")
     parser.add_argument("--span-tokens-block", type=int, default=None,
                         help="longest suggestion of whole lines (default: the server's)")
+    parser.add_argument("--no-document-drafts", action="store_true",
+                        help="leave the completed document out of the drafts index (the model alone; the server "
+                             "offers drafts from it by default)")
     parser.add_argument("--no-postprocess", action="store_true",
                         help="score the model's raw fill (to measure what post-processing adds)")
     parser.add_argument("--humaneval-dir", default=None, help="directory of the HumanEval-*Infilling.jsonl.gz files")
@@ -424,7 +441,7 @@ def evaluate_setting(setting, backend, base_settings, suites, heldout, args, poo
             )
             attempt = Attempt(task.task_id, text, placement.expected, latency, result.tokens, result.steps,
                               result.source, confidence=result.confidence,
-                              extra={"budget_cut": result.budget_cut})
+                              extra={"budget_cut": result.budget_cut, "draft": result.draft})
             attempt.test = pool.submit(humaneval.run_tests, task, placement.program(text),
                                        timeout_s=args.test_timeout, memory_mb=args.test_memory_mb)
             attempts.append(attempt)
@@ -441,7 +458,7 @@ def evaluate_setting(setting, backend, base_settings, suites, heldout, args, poo
             )
             attempts.append(Attempt(example.example_id, text, example.placement.expected, latency,
                                     result.tokens, result.steps, result.source, confidence=result.confidence,
-                                    extra={"budget_cut": result.budget_cut}))
+                                    extra={"budget_cut": result.budget_cut, "draft": result.draft}))
         results["heldout"] = summarise(attempts)
         samples += [_sample(setting, "heldout", a) for a in attempts]
         log(f"  {setting.label} | heldout: {len(attempts)} done")
@@ -497,7 +514,7 @@ def run(args, log=print) -> dict:
         "span_tokens_block": args.span_tokens_block,
     }
     # Every fill is scored as written: the minConfidence gate is reported apart (`min_confidence`).
-    base_settings = replace(Settings(), min_confidence=0.0,
+    base_settings = replace(Settings(), min_confidence=0.0, repo_drafts=not args.no_document_drafts,
                             **{key: value for key, value in overrides.items() if value is not None})
 
     log(f"loading model {args.model or '(embedded default)'} on {args.device}")
@@ -522,6 +539,7 @@ def run(args, log=print) -> dict:
             "span_tokens_block": base_settings.span_tokens_block,
             "max_snippets": base_settings.max_snippets,
             "postprocess": not args.no_postprocess,
+            "document_drafts": base_settings.repo_drafts,
             "test_timeout_s": args.test_timeout,
             "editor_placement": "middle ending in a newline: cursor on an empty line (docs/EVALUATION.md)",
         },
