@@ -441,7 +441,8 @@ def evaluate_setting(setting, backend, base_settings, suites, heldout, args, poo
             )
             attempt = Attempt(task.task_id, text, placement.expected, latency, result.tokens, result.steps,
                               result.source, confidence=result.confidence,
-                              extra={"budget_cut": result.budget_cut, "draft": result.draft})
+                              extra={"budget_cut": result.budget_cut, "draft": result.draft,
+                                           "draft_text": result.request.draft or None})
             attempt.test = pool.submit(humaneval.run_tests, task, placement.program(text),
                                        timeout_s=args.test_timeout, memory_mb=args.test_memory_mb)
             attempts.append(attempt)
@@ -458,7 +459,8 @@ def evaluate_setting(setting, backend, base_settings, suites, heldout, args, poo
             )
             attempts.append(Attempt(example.example_id, text, example.placement.expected, latency,
                                     result.tokens, result.steps, result.source, confidence=result.confidence,
-                                    extra={"budget_cut": result.budget_cut, "draft": result.draft}))
+                                    extra={"budget_cut": result.budget_cut, "draft": result.draft,
+                                           "draft_text": result.request.draft or None}))
         results["heldout"] = summarise(attempts)
         samples += [_sample(setting, "heldout", a) for a in attempts]
         log(f"  {setting.label} | heldout: {len(attempts)} done")
@@ -470,6 +472,8 @@ def _sample(setting: Setting, suite: str, attempt: Attempt) -> dict:
               "expected": attempt.expected, "latency_ms": round(attempt.latency_ms, 2), "tokens": attempt.tokens,
               "steps": attempt.steps,
               "confidence": None if attempt.confidence is None else round(attempt.confidence, 4)}
+    if attempt.extra.get("draft"):
+        record.update(draft=attempt.extra["draft"], draft_text=attempt.extra.get("draft_text"))
     if attempt.test is not None:
         outcome = attempt.test.result()
         record.update(passed=outcome.passed, status=outcome.status)
