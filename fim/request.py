@@ -6,6 +6,7 @@ into token ids for its model.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -63,7 +64,14 @@ class FimRequest:
     draft: str = ""
     draft_evidence: DraftEvidence = field(default=DraftEvidence())
 
-    def context_key(self) -> tuple:
-        """Identity of the model's input: two requests with equal keys get the same fill."""
-        return (self.preamble, self.prefix, self.suffix, self.span.mode, self.span.max_tokens, self.draft,
-                self.draft_evidence)
+    def context_key(self) -> str:
+        """Identity of the model's input: two requests with equal keys get the same fill. A digest,
+        so a cache of answers holds 32 characters per entry rather than a copy of the context."""
+        digest = hashlib.blake2b(digest_size=16)
+        evidence = self.draft_evidence
+        for part in (self.preamble, self.prefix, self.suffix, self.span.mode, str(self.span.max_tokens), self.draft,
+                     f"{evidence.matched_chars},{evidence.matched_lines},{evidence.occurrences}"):
+            data = part.encode("utf-8", "surrogatepass")
+            digest.update(len(data).to_bytes(8, "little"))  # lengths first: no two splits hash alike
+            digest.update(data)
+        return digest.hexdigest()

@@ -12,6 +12,7 @@ import threading
 import time
 import tracemalloc
 import weakref
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from denoiser.kv_cache import ContextKVCache, kv_bytes
 from denoiser.model import KVBuffers, SpanDenoiser
 from fim import ContextOptions, build_request, snippets
 from fim.drafts import DraftIndex
-from fim.request import FimRequest, SpanPlan
+from fim.request import DraftEvidence, FimRequest, SpanPlan
 from lsp_server.server import create_server
 from lsp_server.suggest import with_draft
 from lsp_server.worker import ModelWorker, Superseded, Supersession
@@ -170,17 +171,50 @@ def request(prefix: str) -> FimRequest:
 
 
 def test_completion_cache_is_bounded_in_bytes_not_entries():
-    engine = Engine(ScriptedBackend(), cache_bytes=1 << 20)
-    for i in range(64):  # each context holds ~40 KB of text: a cache of entries would keep them all
-        engine.complete(request(f"x{i} = " + "y" * 40_000), document=f"d{i % 4}")
+    class LongAnswers(ScriptedBackend):  # answers of ~40 KB: a cache of entries would keep them all
+        def fill(self, request, decode, *, document, is_cancelled):
+            self.calls += 1
+            return FillResult(text="z" * 40_000, tokens=3, steps=1, context_tokens=10, reused_context_tokens=0)
+
+    engine = Engine(LongAnswers(), cache_bytes=1 << 20)
+    for i in range(64):
+        engine.complete(request(f"x{i} = y"), document=f"d{i % 4}")
     caches = engine.status()["caches"]
     held = caches["completion_cache"]
     assert held["max_bytes"] == 1 << 20 and 0 < held["bytes"] <= 1 << 20
     assert 10 < held["entries"] < 64
+
+
+def test_completion_cache_keys_hold_a_digest_not_the_context():
+    engine = Engine(ScriptedBackend(), cache_bytes=1 << 20)
+    for i in range(64):  # each context holds ~40 KB of text; its entry holds 32 characters of key
+        engine.complete(request(f"x{i} = " + "y" * 40_000), document=f"d{i % 4}")
+    caches = engine.status()["caches"]
+    held = caches["completion_cache"]
+    assert held["entries"] == 64 and held["bytes"] < 64 * 1024
     assert caches["typed_ahead"]["entries"] == 4 and caches["typed_ahead"]["bytes"] > 4 * 40_000
-    # A context bigger than the whole cache is answered, and not kept.
+    # The same context is answered from the cache; one more character is not.
+    calls = engine.backend.calls
+    engine.complete(request("x3 = " + "y" * 40_000), document="d9")
+    assert engine.backend.calls == calls
+    engine.complete(request("x3 = " + "y" * 40_001), document="d9")
+    assert engine.backend.calls == calls + 1
+    # A context bigger than the whole cache is answered, and its answer kept.
     engine.complete(request("z" * (2 << 20)), document="d0")
     assert engine.cache_stats()["completion_cache"]["bytes"] <= 1 << 20
+
+
+def test_context_keys_tell_every_field_apart():
+    base = request("a = 1\nb")
+    keys = {base.context_key(),
+            replace(base, prefix="a = 1\nb2"), replace(base, suffix="\n\n"), replace(base, preamble="# path: y.py\n"),
+            replace(base, span=SpanPlan("block", 16)), replace(base, span=SpanPlan("line", 32)),
+            replace(base, draft="c"), replace(base, draft_evidence=DraftEvidence(matched_chars=3)),
+            # the same characters split differently between prefix and suffix
+            replace(base, prefix="a = 1\n", suffix="b\n")}
+    keys = {k if isinstance(k, str) else k.context_key() for k in keys}
+    assert len(keys) == 9 and all(len(k) == 32 for k in keys)
+    assert request("a = 1\nb").context_key() == base.context_key()
 
 
 def test_typed_ahead_state_goes_with_the_document_even_when_a_request_outlives_the_close():
