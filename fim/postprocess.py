@@ -21,6 +21,10 @@ Rules, in the order they run:
    unless that would unbalance brackets or quotes.
 6. Useless: nothing left, only whitespace, or text the suffix already starts
    with gives None (no item).
+7. Python strings: a completion that opens a triple-quoted string and leaves it
+   open, where the code before the cursor had none open, gives None: it would
+   turn the code after it into a string (a lone \"\"\" on an empty line in a
+   function body is what a small model most often writes with confidence).
 
 This module sees text only: no tokens, no model. Bracket counting is a cheap
 line-based scan (strings and line comments skipped), good enough to compare two
@@ -85,7 +89,46 @@ def postprocess(raw: str, request: FimRequest) -> str | None:
     text = _drop_repeated_suffix_start(text, around)
     if not text.strip() or _suffix_starts_with(around.suffix, text):
         return None
+    if request.language == "python" and _opens_a_string(request.prefix, text):
+        return None
     return text
+
+
+def _opens_a_string(prefix: str, completion: str) -> bool:
+    """True when `completion` leaves a triple-quoted string open that was not open before it."""
+    line_start = prefix.rfind("\n") + 1
+    at_line = _open_triple_quote(prefix[:line_start])  # the cursor line's own quotes are read with it
+    if _open_triple_quote(prefix[line_start:], at_line) is not None:
+        return False
+    return _open_triple_quote(prefix[line_start:] + completion, at_line) is not None
+
+
+def _open_triple_quote(code: str, state: str | None = None) -> str | None:
+    """The triple quote left open at the end of Python `code` (None: none), starting in `state`.
+    Single-quoted strings and comments are skipped line by line; escapes are honoured."""
+    i, n = 0, len(code)
+    while i < n:
+        ch = code[i]
+        if state is not None:  # inside a triple-quoted string
+            if ch == "\\":
+                i += 2
+            elif code.startswith(state, i):
+                state, i = None, i + 3
+            else:
+                i += 1
+        elif ch == "#":
+            end = code.find("\n", i)
+            i = n if end < 0 else end + 1
+        elif code.startswith('"""', i) or code.startswith("'''", i):
+            state, i = code[i:i + 3], i + 3
+        elif ch in "\"'":
+            i += 1
+            while i < n and code[i] not in (ch, "\n"):
+                i += 2 if code[i] == "\\" else 1
+            i += 1
+        else:
+            i += 1
+    return state
 
 
 def _surroundings(request: FimRequest) -> _Surroundings:

@@ -288,3 +288,36 @@ def test_long_completion_before_a_long_suffix_line_is_fast():
     out = fill(source, "a" * 50_000 + "b" * 10)
     assert time.perf_counter() - started < 2.0
     assert out == "a" * 50_000
+
+
+# --- Python: a completion must not open a string it leaves open ---------------------------
+
+def _python(prefix: str, suffix: str, mode: str = "line") -> FimRequest:
+    return FimRequest("", prefix, suffix, SpanPlan(mode, 32), language="python", path="x.py")
+
+
+def test_a_lone_triple_quote_that_would_swallow_the_code_after_it_is_dropped():
+    prefix = 'def f(xs):\n    """Sum xs."""\n    total = 0\n    for x in xs:\n        '
+    suffix = "\n    return total\n"
+    assert postprocess('"""', _python(prefix, suffix)) is None
+    assert postprocess("'''", _python(prefix, suffix)) is None
+    assert postprocess('"""Add it."""', _python(prefix, suffix)) == '"""Add it."""'  # opened and closed
+    assert postprocess("total += x", _python(prefix, suffix)) == "total += x"
+    # A block that writes a whole docstring closes what it opens.
+    assert postprocess('"""Sum.\n\n    More.\n    """', _python("def f():\n    ", "\n", "block")) is not None
+
+
+def test_closing_the_docstring_the_cursor_is_in_is_kept():
+    prefix = 'def f():\n    """Return the answer.\n\n    Always 42.\n    '
+    assert postprocess('"""', _python(prefix, "\n    return 42\n")) == '"""'
+    # The cursor line's own opener counts: `x = """abc` + `def"""` closes it.
+    assert postprocess('def"""', _python('x = """abc', "\n")) == 'def"""'
+
+
+def test_quotes_in_strings_comments_and_escapes_do_not_open_anything():
+    prefix = "s = \"a '''b\"  # a \"\"\" in a comment\nt = '\\'\"\"\"'\nu = "
+    assert postprocess("1", _python(prefix, "\n")) == "1"
+    assert postprocess('"""', _python(prefix, "\n")) is None
+    # Other languages keep such text: only Python's strings are read.
+    js = FimRequest("", "let s = ", ";\n", SpanPlan("line", 32), language="javascript", path="x.js")
+    assert postprocess('"""', js) == '"""'
