@@ -21,9 +21,10 @@ Rules, in the order they run:
    unless that would unbalance brackets or quotes.
 6. Useless: nothing left, only whitespace, or text the suffix already starts
    with gives None (no item).
-7. Python strings: a completion that opens a triple-quoted string and leaves it
-   open, where the code before the cursor had none open, gives None: it would
-   turn the code after it into a string (a lone \"\"\" on an empty line in a
+7. Python strings (`leaves_a_string_open`, read over the whole document by the
+   caller, since a window may start inside a docstring): a completion that leaves
+   a triple-quoted string open, where the document had none open, gives no item:
+   it would turn the code after it into a string (a lone \"\"\" on an empty line in a
    function body is what a small model most often writes with confidence).
 
 This module sees text only: no tokens, no model. Bracket counting is a cheap
@@ -89,46 +90,47 @@ def postprocess(raw: str, request: FimRequest) -> str | None:
     text = _drop_repeated_suffix_start(text, around)
     if not text.strip() or _suffix_starts_with(around.suffix, text):
         return None
-    if request.language == "python" and _opens_a_string(request.prefix, text):
-        return None
     return text
 
 
-def _opens_a_string(prefix: str, completion: str) -> bool:
-    """True when `completion` leaves a triple-quoted string open that was not open before it."""
-    line_start = prefix.rfind("\n") + 1
-    at_line = _open_triple_quote(prefix[:line_start])  # the cursor line's own quotes are read with it
-    if _open_triple_quote(prefix[line_start:], at_line) is not None:
-        return False
-    return _open_triple_quote(prefix[line_start:] + completion, at_line) is not None
+def leaves_a_string_open(before: str, completion: str, after: str) -> bool:
+    """Python: True when `before + after` has no triple-quoted string left open and
+    `before + completion + after` has one (the completion would swallow the code after it)."""
+    if _open_triple_quote(before + after) is not None:
+        return False  # already open (a document being written): nothing to judge by
+    return _open_triple_quote(before + completion + after) is not None
 
 
-def _open_triple_quote(code: str, state: str | None = None) -> str | None:
-    """The triple quote left open at the end of Python `code` (None: none), starting in `state`.
-    Single-quoted strings and comments are skipped line by line; escapes are honoured."""
-    i, n = 0, len(code)
-    while i < n:
-        ch = code[i]
-        if state is not None:  # inside a triple-quoted string
-            if ch == "\\":
-                i += 2
-            elif code.startswith(state, i):
-                state, i = None, i + 3
-            else:
-                i += 1
-        elif ch == "#":
-            end = code.find("\n", i)
-            i = n if end < 0 else end + 1
-        elif code.startswith('"""', i) or code.startswith("'''", i):
-            state, i = code[i:i + 3], i + 3
-        elif ch in "\"'":
-            i += 1
-            while i < n and code[i] not in (ch, "\n"):
-                i += 2 if code[i] == "\\" else 1
-            i += 1
-        else:
-            i += 1
-    return state
+# Python's string and comment tokens, enough to track triple quotes: a triple quote, a
+# comment, or a one-line string (possibly unterminated at the line end).
+_PY_TOKEN = re.compile(r'"""|\'\'\'|#[^\n]*|"(?:\\.|[^"\\\n])*"?|\'(?:\\.|[^\'\\\n])*\'?')
+
+
+def _open_triple_quote(code: str) -> str | None:
+    """The triple quote left open at the end of Python `code` (None: none); escapes honoured."""
+    i = 0
+    while True:
+        found = _PY_TOKEN.search(code, i)
+        if found is None:
+            return None
+        i = found.end()
+        quote = found.group()
+        if quote not in ('"""', "'''"):
+            continue
+        close = code.find(quote, i)
+        while close >= 0 and _escaped(code, close):
+            close = code.find(quote, close + 1)
+        if close < 0:
+            return quote
+        i = close + 3
+
+
+def _escaped(code: str, at: int) -> bool:
+    """Whether the character at `at` follows an odd run of backslashes."""
+    start = at
+    while start > 0 and code[start - 1] == "\\":
+        start -= 1
+    return (at - start) % 2 == 1
 
 
 def _surroundings(request: FimRequest) -> _Surroundings:

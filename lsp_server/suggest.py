@@ -14,8 +14,12 @@ from typing import Any, Callable, Iterable
 from fim import ContextOptions, FimRequest, LineIndex, build_request, postprocess
 from fim.drafts import DraftIndex
 from fim.positions import normalize_line_endings
+from fim.postprocess import leaves_a_string_open
 from fim.request import DraftEvidence
 from lsp_server.settings import Settings, latency_budget_ms
+
+# Documents up to this size are read whole for the string check (`leaves_a_string_open`): a few ms.
+STRING_CHECK_CHARS = 1 << 20
 
 Position = tuple[int, int]  # LSP (line, UTF-16 character)
 
@@ -112,6 +116,11 @@ def suggest(
     decode = decode_settings(settings, engine_device(engine), budget_started)
     completion = engine.complete(request, decode, document=document, is_cancelled=is_cancelled)
     final = postprocess(completion.text, request)
+    if final is not None and request.language == "python" and len(text) <= STRING_CHECK_CHARS:
+        whole = normalize_line_endings(text)
+        cursor = LineIndex.of(whole).offset_at(line, character)
+        if leaves_a_string_open(whole[:cursor], final, whole[cursor:]):
+            final = None
     dropped = None
     if final is None:
         dropped = "postprocess" if completion.text.strip() else "empty"

@@ -11,7 +11,7 @@ import pytest
 
 from fim.context import build_request
 from fim.positions import utf16_length
-from fim.postprocess import postprocess
+from fim.postprocess import leaves_a_string_open, postprocess
 from fim.request import FimRequest, SpanPlan
 
 LANGUAGE_PATHS = {"python": "app.py", "javascript": "app.js", "typescript": "app.ts", "go": "main.go"}
@@ -292,32 +292,45 @@ def test_long_completion_before_a_long_suffix_line_is_fast():
 
 # --- Python: a completion must not open a string it leaves open ---------------------------
 
-def _python(prefix: str, suffix: str, mode: str = "line") -> FimRequest:
-    return FimRequest("", prefix, suffix, SpanPlan(mode, 32), language="python", path="x.py")
+def test_a_lone_triple_quote_that_would_swallow_the_code_after_it_is_caught():
+    before = 'def f(xs):\n    """Sum xs."""\n    total = 0\n    for x in xs:\n        '
+    after = "\n    return total\n"
+    assert leaves_a_string_open(before, '"""', after)
+    assert leaves_a_string_open(before, "'''", after)
+    assert not leaves_a_string_open(before, '"""Add it."""', after)  # opened and closed
+    assert not leaves_a_string_open(before, "total += x", after)
+    assert not leaves_a_string_open("def f():\n    ", '"""Sum.\n\n    More.\n    """', "\n")
 
 
-def test_a_lone_triple_quote_that_would_swallow_the_code_after_it_is_dropped():
-    prefix = 'def f(xs):\n    """Sum xs."""\n    total = 0\n    for x in xs:\n        '
-    suffix = "\n    return total\n"
-    assert postprocess('"""', _python(prefix, suffix)) is None
-    assert postprocess("'''", _python(prefix, suffix)) is None
-    assert postprocess('"""Add it."""', _python(prefix, suffix)) == '"""Add it."""'  # opened and closed
-    assert postprocess("total += x", _python(prefix, suffix)) == "total += x"
-    # A block that writes a whole docstring closes what it opens.
-    assert postprocess('"""Sum.\n\n    More.\n    """', _python("def f():\n    ", "\n", "block")) is not None
+def test_closing_or_finishing_a_docstring_the_document_has_is_kept():
+    inside = 'def f():\n    """Return the answer.\n\n    Always 42.\n    '
+    assert not leaves_a_string_open(inside, '"""', "\n    return 42\n")
+    assert not leaves_a_string_open('x = """abc', 'def"""', "\n")
+    # The cursor after the first quote of a docstring's opener, the suffix holding the rest.
+    assert not leaves_a_string_open('def f():\n    "', '""', 'Return one.\n\n    Always.\n    """\n    return 1\n')
+    # The cursor after the first quote of a module docstring's closer, far from its opener.
+    module = '"""Module.\n' + "prose line\n" * 500 + '"'
+    assert not leaves_a_string_open(module, '""', "\nimport os\n")
 
 
-def test_closing_the_docstring_the_cursor_is_in_is_kept():
-    prefix = 'def f():\n    """Return the answer.\n\n    Always 42.\n    '
-    assert postprocess('"""', _python(prefix, "\n    return 42\n")) == '"""'
-    # The cursor line's own opener counts: `x = """abc` + `def"""` closes it.
-    assert postprocess('def"""', _python('x = """abc', "\n")) == 'def"""'
+def test_quotes_in_strings_comments_and_escapes_open_nothing():
+    before = "s = \"a '''b\"  # a \"\"\" in a comment\nt = '\\'\"\"\"'\nu = "
+    assert not leaves_a_string_open(before, "1", "\n")
+    assert leaves_a_string_open(before, '"""', "\n")
+    assert not leaves_a_string_open('s = """a \\""" b', '"""', "\n")  # the escaped quote closes nothing
 
 
-def test_quotes_in_strings_comments_and_escapes_do_not_open_anything():
-    prefix = "s = \"a '''b\"  # a \"\"\" in a comment\nt = '\\'\"\"\"'\nu = "
-    assert postprocess("1", _python(prefix, "\n")) == "1"
-    assert postprocess('"""', _python(prefix, "\n")) is None
-    # Other languages keep such text: only Python's strings are read.
-    js = FimRequest("", "let s = ", ";\n", SpanPlan("line", 32), language="javascript", path="x.js")
-    assert postprocess('"""', js) == '"""'
+def test_the_server_path_drops_a_completion_that_opens_a_string(tmp_path):
+    from lsp_server.suggest import suggest
+
+    class Writes:  # an engine that always writes a lone triple quote
+        def complete(self, request, decode, *, document, is_cancelled):
+            from denoiser.engine import Completion
+            return Completion(text='"""', source="model", tokens=1, steps=1, context_tokens=9,
+                              reused_context_tokens=0, elapsed_ms=1.0, confidence=0.9)
+
+    text = 'def f(xs):\n    total = 0\n    \n    return total\n'
+    found = suggest(Writes(), text, 2, 4, document="a", path="x.py", language_id="python")
+    assert found.text is None and found.dropped == "postprocess" and found.raw == '"""'
+    found = suggest(Writes(), text, 2, 4, document="a", path="x.js", language_id="javascript")
+    assert found.text == '"""'
