@@ -181,3 +181,20 @@ def test_quality_plot_reads_eval_results(tmp_path):
     assert numbers["single"]["pass@1 gated"] == 0.3 and numbers["heldout"]["precision"] == 0.6
     main(["--quality", f"1e6={first}", "--quality", f"2e6={second}", "--out", str(tmp_path / "q.png")])
     assert (tmp_path / "q.png").stat().st_size > 0
+
+
+def test_cooldown_falls_linearly_to_zero_from_the_schedule_and_ends_training():
+    from training.loop import TrainSettings, lr_at
+
+    plain = TrainSettings(lr=1e-3, warmup_steps=100, total_steps=8000)
+    cooled = TrainSettings(lr=1e-3, warmup_steps=100, total_steps=8000, cooldown_from=4000, cooldown_steps=500)
+    assert plain.last_step == 8000 and cooled.last_step == 4500
+    for step in (0, 50, 100, 2000, 3999):
+        assert lr_at(step, cooled) == lr_at(step, plain)
+    start = lr_at(4000, plain)
+    assert 0 < start < 1e-3
+    assert lr_at(4000, cooled) == start
+    assert abs(lr_at(4250, cooled) - start / 2) < 1e-12
+    assert lr_at(4500, cooled) == 0.0 and lr_at(4600, cooled) == 0.0
+    # A cool-down past the end of the schedule still ends with it.
+    assert TrainSettings(total_steps=1000, cooldown_from=900, cooldown_steps=500).last_step == 1000

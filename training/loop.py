@@ -49,6 +49,16 @@ class TrainSettings:
     ar_positions: int = 64
     pad_weight: float = 0.1
     seed: int = 0
+    # Cool-down: from step `cooldown_from`, the rate falls linearly from the schedule's value there
+    # to 0 over `cooldown_steps` steps, and training ends (a run can be cooled when its loss flattens).
+    cooldown_from: int | None = None
+    cooldown_steps: int = 0
+
+    @property
+    def last_step(self) -> int:
+        if self.cooldown_from is None:
+            return self.total_steps
+        return min(self.total_steps, self.cooldown_from + self.cooldown_steps)
 
 
 def collate(examples: list[TokenExample], span: int, rng: torch.Generator, device, region: int | None = None):
@@ -129,6 +139,14 @@ def optimizer_step(model, optimizer, batch: dict, settings: TrainSettings, noise
 
 
 def lr_at(step: int, s: TrainSettings) -> float:
+    if s.cooldown_from is not None and step >= s.cooldown_from:
+        left = 1 - (step - s.cooldown_from) / max(1, s.cooldown_steps)
+        return _scheduled(s.cooldown_from, s) * max(0.0, left)
+    return _scheduled(step, s)
+
+
+def _scheduled(step: int, s: TrainSettings) -> float:
+    """Linear warm-up, then a cosine down to a tenth of the peak at `total_steps`."""
     if step < s.warmup_steps:
         return s.lr * (step + 1) / s.warmup_steps
     progress = min(1.0, (step - s.warmup_steps) / max(1, s.total_steps - s.warmup_steps))
@@ -187,6 +205,7 @@ def run(args) -> None:
         context_tokens=args.context_tokens, batch_size=args.batch_size, lr=args.lr,
         total_steps=args.total_steps, warmup_steps=args.warmup_steps, seed=args.seed,
         ar_positions=args.ar_positions, pad_weight=args.pad_weight,
+        cooldown_from=args.cooldown_from, cooldown_steps=args.cooldown_steps,
     )
     tokenizer = CodeTokenizer.load(Path(args.tokenizer))
     corpus = Path(args.corpus)
@@ -246,7 +265,7 @@ def run(args) -> None:
     span_rng = random.Random(step)
     last_print = 0.0
     try:
-        while step < settings.total_steps and time.monotonic() < deadline:
+        while step < settings.last_step and time.monotonic() < deadline:
             span = span_rng.choice(SPAN_CHOICES)
             examples = [fit_span(e, span) for e in next_batch()]
             batch = collate(examples, span, noise, device, region=settings.context_tokens + span)
@@ -275,8 +294,8 @@ def run(args) -> None:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             if printing:
-                bar = "#" * int(30 * step / settings.total_steps)
-                print(f"\r[{bar:<30}] step {step}/{settings.total_steps} mdlm {record['mdlm']:.3f} ar {record['ar']:.3f} "
+                bar = "#" * int(30 * step / settings.last_step)
+                print(f"\r[{bar:<30}] step {step}/{settings.last_step} mdlm {record['mdlm']:.3f} ar {record['ar']:.3f} "
                       f"{rate / 1000:.1f}k tok/s {gflops:.0f} GFLOP/s {(now - start) / 60:.1f} min"
                       + (f" valid {record['valid']}" if validating else ""),
                       end="\n" if validating else "", file=sys.stderr, flush=True)

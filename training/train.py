@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=9.0, help="stop (and save) after this long")
     p.add_argument("--total-steps", type=int, default=20000)
     p.add_argument("--warmup-steps", type=int, default=200)
+    p.add_argument("--cooldown-from", type=int, default=None, metavar="STEP",
+                   help="from this step the learning rate falls linearly to 0 over --cooldown-steps, then training ends")
+    p.add_argument("--cooldown-steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--context-tokens", type=int, default=256)
