@@ -39,6 +39,15 @@ class EngineStartError(Exception):
     """The engine could not start; the message says why and what to try."""
 
 
+# Ray Serve's own settings, read from the environment of its proxy and replicas when they start
+# (ray/serve/_private/constants.py). The proxy calls a replica over a gRPC channel of its own
+# instead of submitting a Ray actor task: a request through the proxy costs about a third less
+# CPU and time (docs/TEAM_ENGINE.md, "How fast"). Serve's other request-path settings
+# (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD, RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP,
+# RAY_SERVE_LOG_TO_STDERR, RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE) measured no faster here.
+SERVE_LATENCY_ENVIRONMENT = {"RAY_SERVE_PROXY_USE_GRPC": "1"}
+
+
 def local_cluster_environment(token_sha256: str) -> dict[str, str]:
     """What every process of the engine's own cluster runs with (set before Ray is imported)."""
     return {
@@ -47,6 +56,7 @@ def local_cluster_environment(token_sha256: str) -> dict[str, str]:
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK,
         DIGEST_ENV: token_sha256,
+        **SERVE_LATENCY_ENVIRONMENT,
     }
 
 
@@ -203,7 +213,9 @@ def connect_cluster(address: str, token_sha256: str) -> Cluster:
         ray.init(address=address, log_to_driver=False, configure_logging=False, namespace="parafill")
     except Exception as exc:
         raise EngineStartError(f"could not join the Ray cluster at {address}: {str(exc).strip().splitlines()[0]}"
-                               " (is it running? `ray status` on one of its nodes says)") from exc
+                               " (is it running? `ray status` on one of its nodes says; a cluster started with "
+                               "Ray's token authentication needs RAY_AUTH_MODE=token, and its token in "
+                               "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, in parafill engine's environment too)") from exc
     # For proxies started with the token check (team_engine.auth.proxy_middlewares) but not our environment.
     from ray.experimental.internal_kv import _internal_kv_put
 

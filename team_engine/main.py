@@ -62,10 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--gpus-per-replica", type=at_least_zero(float), default=None,
                        help="GPUs Ray reserves for each replica (default: 1 with --device cuda, else 0)")
     scale.add_argument("--max-batch-size", type=positive(int), default=16,
-                       help="fills a replica gathers into one batch (default 16)")
-    scale.add_argument("--batch-wait-ms", type=at_least_zero(float), default=0.0,
-                       help="how long a replica waits for a batch to fill (default 0: it takes what is queued; "
-                            "fills arriving later join the running batch's next denoising step)")
+                       help="fills a replica's model denoises together, sharing each step (default 16); fills "
+                            "arriving while a batch runs join it at the next step")
     scale.add_argument("--documents-per-replica", type=positive(int), default=64,
                        help="documents whose context each replica keeps cached (default 64)")
     scale.add_argument("--max-ongoing-requests", type=positive(int), default=64,
@@ -93,8 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 def options_from(args: argparse.Namespace) -> EngineOptions:
     return EngineOptions(model=args.model, device=args.device, replicas=args.replicas, threads=args.threads,
                          cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
-                         max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                         documents_per_replica=args.documents_per_replica,
+                         max_batch_size=args.max_batch_size, documents_per_replica=args.documents_per_replica,
                          max_ongoing_requests=args.max_ongoing_requests)
 
 
@@ -193,6 +190,9 @@ def _start(args: argparse.Namespace, options: EngineOptions, token: str, token_s
         say(f"starting a Ray cluster on 127.0.0.1 ({cpus:g} CPUs, {gpus:g} GPUs)")
         cluster = start_local_cluster(cpus, gpus, token_sha256, temp_dir=args.ray_temp_dir)
     clusters.append(cluster)
+    # ray.init puts Ray's own SIGTERM handler in place, which ends the process before the engine is
+    # removed from the cluster: stop on SIGTERM as on Ctrl-C again.
+    signal.signal(signal.SIGTERM, _interrupt)
     say(f"deploying {options.replicas} replica(s) of {options.model or 'the embedded model'} on {options.device}")
     serve_engine(build_application(options, token_sha256), args.host, args.port, app_name=APP_NAME)
     try:

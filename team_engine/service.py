@@ -49,7 +49,7 @@ class ReplicaService:
 
     @classmethod
     def load(cls, model: str | None, device: str, *, threads: int, token_sha256: str | None, replica: str = "",
-             documents: int = 64, context_cache_mb: int = 512) -> "ReplicaService":
+             documents: int = 64, context_cache_mb: int = 512, max_batch: int | None = None) -> "ReplicaService":
         from denoiser.engine import Engine
         from denoiser.loading import load_backend
 
@@ -58,6 +58,10 @@ class ReplicaService:
         if cache is not None:  # a shared engine holds many more documents than one editor's server
             cache.max_documents = max(cache.max_documents, documents)
             cache.max_bytes = max(cache.max_bytes, context_cache_mb << 20)
+        batcher = getattr(backend, "batcher", None)
+        # The fills one denoising step serves; a batcher captured in CUDA graphs keeps the rows it was built for.
+        if max_batch and batcher is not None and getattr(batcher, "fixed_capacity", True) is None:
+            batcher.max_batch = max_batch
         # The language server keeps typed-ahead and the completion cache: none here.
         engine = Engine(backend, cache_bytes=0, typed_ahead_bytes=0)
         engine.set_threads(threads)
@@ -144,6 +148,17 @@ class ReplicaService:
         with self._lock:
             counts = dict(self.counts)
         return 200, {"replica": self.replica, "pid": os.getpid(), "counts": counts, "engine": self.engine.status()}
+
+    # --- a request's whole work, from its body to its encoded answer (one call, off the event loop) ---
+    def fill_request(self, body: bytes, is_cancelled: Callable[[], bool]) -> tuple[int, bytes]:
+        """Blocking: parse the body, run the model, encode the answer."""
+        payload, error = self.parse(body)
+        return json_answer(*(error if error is not None else self.fill(payload, is_cancelled)))
+
+    def forget_request(self, body: bytes) -> tuple[int, bytes]:
+        """Blocking: waits for a fill of the document in flight."""
+        payload, error = self.parse(body)
+        return json_answer(*(error if error is not None else self.forget(payload)))
 
     def answer(self, route: str, payload: dict | None) -> Answer:
         """Any route but fill (which blocks on the model and needs a cancellation signal)."""

@@ -1,8 +1,9 @@
-"""`parafill bench --engine`'s own parts, without Ray: its cursors and its plot.
+"""`parafill bench --engine`'s own parts, without Ray: its cursors, its hop's turns and its plot.
 
 The whole benchmark starts a Ray cluster and deploys twice, too long for CI;
 bench/README.md gives the command. Here: every request is a new cursor (so none
-is answered from the server's caches) and the report draws.
+is answered from the server's caches), the hop takes each request in this
+process and through the engine in turns, and the report draws.
 """
 from __future__ import annotations
 
@@ -27,3 +28,26 @@ def test_the_report_draws(tmp_path):
                "threads_per_replica": 1}
     engine_bench.plot(results, tmp_path / "engine.png")
     assert (tmp_path / "engine.png").stat().st_size > 0
+
+
+def test_the_hop_takes_each_request_here_and_there_in_turns(parafill_tiny_model):
+    """Both sides see the same cursors, in alternating order, so a change of load mid-run hits both."""
+    from denoiser.engine import Engine
+    from lsp_server.settings import Settings
+
+    settings = Settings(min_confidence=0, steps=2, span_tokens_line=8, span_tokens_block=8, context_tokens=128,
+                        latency_budget_ms=0)
+    here, there = Engine.load(str(parafill_tiny_model), device="cpu"), Engine.load(str(parafill_tiny_model), device="cpu")
+    calls: list[str] = []
+    for name, engine in (("here", here), ("there", there)):
+        complete = engine.complete
+
+        def spy(*args, _name=name, _complete=complete, **kwargs):
+            calls.append(_name)
+            return _complete(*args, **kwargs)
+
+        engine.complete = spy
+    requests = engine_bench.cursors(4, "turns")
+    local_ms, remote_ms = engine_bench.paired_fills(here, there, settings, requests)
+    assert len(local_ms) == len(remote_ms) == 4 and min(local_ms + remote_ms) > 0
+    assert calls == ["here", "there", "there", "here", "here", "there", "there", "here"]

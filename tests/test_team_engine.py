@@ -2,11 +2,14 @@
 
 One engine (two CPU replicas of a tiny random model, one thread each) serves
 the whole module: every route refuses a missing or wrong token before any model
-work; two documents land on two replicas and keep their context caches; an LSP
-session completes through it, and a cancelled request stops the replica's
-denoiser; a replica killed mid-request fails that request once, clearly, and
-the next one is answered; the engine killed mid-session is reported once to the
-editor, and when it is started again the server reconnects by itself.
+work; no process of its cluster listens beyond 127.0.0.1; two documents land on
+two replicas and keep their context caches; an LSP session completes through
+it, and a cancelled request stops the replica's denoiser; a replica killed
+mid-request fails that request once, clearly, and the next one is answered; the
+engine killed mid-session is reported once to the editor, and when it is
+started again the server reconnects by itself. Apart from it, `--address`
+joins a cluster started here with `ray start`, answers a fill there, and
+leaves that cluster running when it stops.
 Skipped when Ray Serve is not installed (`pip install -e '.[engine]'`).
 """
 from __future__ import annotations
@@ -14,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import http.client
 import importlib.util
+import ipaddress
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -210,6 +215,46 @@ def test_every_route_refuses_a_missing_or_wrong_token_before_any_model_work(engi
     assert {r: c["refused"] for r, c in after.items()} == {r: c["refused"] for r, c in before.items()}
     status, health = request(engine.url, "GET", "/v1/health")
     assert status == 200 and health["device"] == "cpu" and health["protocol"] == 1
+
+
+def listening_addresses(pids: list[int]) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket the processes `pids` listen on (Linux /proc)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    found = set()
+    for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
+        for line in (table.read_text().splitlines()[1:] if table.exists() else ()):
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            address, port = fields[1].split(":")
+            raw = bytes.fromhex(address)  # 32-bit words, each in host (little-endian) order
+            ip = ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+            ip = getattr(ip, "ipv4_mapped", None) or ip
+            found.add((str(ip), int(port, 16)))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc")
+def test_no_process_of_the_engines_cluster_listens_beyond_loopback(engine):
+    from team_engine.cluster import processes_under
+
+    pids = [pid for folder in engine.folder.glob("pfray-*") for pid in processes_under(folder)]
+    pids.append(engine.proc.pid)
+    listening = listening_addresses(pids)
+    assert ("127.0.0.1", engine.port) in listening
+    assert [entry for entry in listening if not ipaddress.ip_address(entry[0]).is_loopback] == []
 
 
 def test_two_documents_stay_on_two_replicas_and_keep_their_caches(engine, monkeypatch):
@@ -408,3 +453,129 @@ async def test_the_engine_killed_mid_session_is_reported_once_and_found_again_wh
     back = [m for m in lsp.messages if "is back" in m.message]
     assert len(back) == 1 and back[0].type == types.MessageType.Info
     assert len([m for m in lsp.messages if "team engine" in m.message]) == 2
+
+
+# --- on a Ray cluster the user started --------------------------------------------------------
+
+class UserCluster:
+    """`ray start --head --node-ip-address 127.0.0.1`, as a user would start one (on Linux, Ray
+    registers the node under the machine's network address all the same), in a folder of its own.
+    Its processes inherit the engine's cluster mark for that folder, so they are stopped by it
+    (`team_engine.cluster.stop_processes_under`) and by nothing broader, never `ray stop`."""
+
+    def __init__(self):
+        self.folder = Path(tempfile.mkdtemp(prefix="pfu-", dir="/tmp"))  # Ray's socket paths must stay short
+        self.ray_auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        self._plan()
+
+    def _plan(self) -> None:
+        from team_engine.cluster import CLUSTER_MARK, free_ports
+
+        self.port, client, listen, grpc, export, runtime_env, node, objects = free_ports(8)
+        self.address = f"127.0.0.1:{self.port}"
+        # Ray's own token authentication on, as a careful user would run it: a driver that joins
+        # (the engine) needs the same two variables (`ray_auth`).
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                    CLUSTER_MARK: str(self.folder), **self.ray_auth,
+                    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "team_engine.auth.proxy_middlewares"}
+        self.argv = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--node-ip-address", "127.0.0.1",
+                     "--port", str(self.port), "--num-cpus", "2", "--include-dashboard", "false",
+                     "--disable-usage-stats", "--temp-dir", str(self.folder), "--ray-client-server-port", str(client),
+                     "--dashboard-agent-listen-port", str(listen), "--dashboard-agent-grpc-port", str(grpc),
+                     "--metrics-export-port", str(export), "--runtime-env-agent-port", str(runtime_env),
+                     "--node-manager-port", str(node), "--object-manager-port", str(objects),
+                     "--object-store-memory", str(128 << 20)]
+
+    def start(self) -> "UserCluster":
+        from team_engine.cluster import stop_processes_under
+
+        # Twice at most, on fresh ports: a busy machine can make Ray's helpers miss their start window.
+        for attempt in (1, 2):
+            try:
+                run = subprocess.run(self.argv, env=self.env, capture_output=True, text=True,
+                                     timeout=START_TIMEOUT_S)
+                output = run.stdout[-2000:] + run.stderr[-2000:]
+                if run.returncode == 0:
+                    return self
+            except subprocess.TimeoutExpired:
+                output = f"`ray start` took more than {START_TIMEOUT_S} s"
+            stop_processes_under(self.folder)
+            self._plan()
+        pytest.fail(f"ray start failed twice:\n{output}")
+
+    def core(self) -> dict[str, int]:
+        """Pid of each of the cluster's core processes (GCS and raylet) still running."""
+        from team_engine.cluster import processes_under
+
+        found = {}
+        for pid in processes_under(self.folder):
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            for name in ("gcs_server", "raylet"):
+                if f"/{name}".encode() in command.split(b"\0")[0]:
+                    found[name] = pid
+        return found
+
+    def stop(self) -> None:
+        from team_engine.cluster import processes_under, stop_processes_under
+
+        stop_processes_under(self.folder)
+        assert processes_under(self.folder) == []
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture
+def user_cluster():
+    cluster = UserCluster()
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+def test_the_engine_joins_a_cluster_the_user_started_and_leaves_it_running(user_cluster, parafill_tiny_model):
+    started = time.monotonic()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tempfile.NamedTemporaryFile(prefix="parafill-engine-joined-", suffix=".log", delete=False)
+    argv = [sys.executable, "-m", "lsp_server", "engine", "--address", user_cluster.address,
+            "--model", str(parafill_tiny_model), "--device", "cpu", "--replicas", "1", "--threads", "1",
+            "--port", str(port)]
+    engine = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(REPO), "PARAFILL_ENGINE_TOKEN": TOKEN,
+                                         "OMP_NUM_THREADS": "1", **user_cluster.ray_auth},
+                              stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+    try:
+        ready: list[str] = []
+        reader = threading.Thread(target=lambda: ready.append(engine.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(START_TIMEOUT_S)
+        assert ready and ready[0].strip(), Path(log.name).read_text(errors="replace")[-4000:]
+        assert json.loads(ready[0])["url"] == url
+        assert "joining the Ray cluster at " + user_cluster.address in Path(log.name).read_text()
+        core = user_cluster.core()
+        assert set(core) == {"gcs_server", "raylet"}
+
+        status, answer = request(url, "POST", "/v1/fill", body=fill_body("doc", "def add(a, b):\n    return "))
+        assert status == 200 and isinstance(answer["text"], str) and answer["replica"], answer
+        for path in ("/v1/fill", "/-/routes"):  # the token: the engine's routes, and the cluster's own proxy
+            assert request(url, "POST" if path == "/v1/fill" else "GET", path, token=None,
+                           body=fill_body("doc", "x = ") if path == "/v1/fill" else None)[0] == 401
+
+        engine.send_signal(signal.SIGTERM)
+        assert engine.wait(120) == 0, Path(log.name).read_text(errors="replace")[-4000:]
+        # The engine's application is gone (Serve's proxy may stay, answering no fill); the user's
+        # cluster, the same processes, runs on.
+        try:
+            assert request(url, "POST", "/v1/fill", body=fill_body("doc", "x = "))[0] != 200
+        except ConnectionRefusedError:
+            pass
+        assert user_cluster.core() == core
+        socket.create_connection(("127.0.0.1", user_cluster.port), timeout=5).close()
+    finally:
+        if engine.poll() is None:
+            os.killpg(engine.pid, signal.SIGKILL)
+            engine.wait(30)
+        Path(log.name).unlink(missing_ok=True)
+    assert time.monotonic() - started < START_TIMEOUT_S

@@ -105,6 +105,11 @@ def test_the_replica_checks_routes_and_bodies_before_the_model():
     assert ReplicaService.parse(b"[1]")[1][0] == 400
     assert ReplicaService.parse(json.dumps({"document": "x" * 500}).encode())[1][0] == 400
     assert ReplicaService.parse(json.dumps({"document": "abc"}).encode()) == ({"document": "abc"}, None)
+    # A request's whole work in one call (the replica's one thread hop) answers a bad body there too.
+    service = ReplicaService(engine=None, token_sha256=digest("t" * 32))  # no model: none may be asked
+    status, body = service.fill_request(b"not json", lambda: False)
+    assert status == 400 and json.loads(body) == {"error": "the body is not JSON"}
+    assert service.forget_request(b"[1]")[0] == 400
 
 
 def test_engine_help_imports_neither_torch_nor_ray():

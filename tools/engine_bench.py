@@ -3,8 +3,11 @@
 In one run, on one machine, with one model:
 - the hop: the same fills answered in this process (`Engine` over the model) and
   through `parafill engine` on 127.0.0.1 (the server's `RemoteBackend` → Ray
-  Serve's proxy → one replica), p50 and p99 of each and of their difference,
-  and the round trip of a request that does no model work (GET /v1/health);
+  Serve's proxy → one replica), taken in turns, one of each per cursor, so a
+  machine whose load changes during the run slows both alike: p50 and p99 of
+  each and of their paired difference, the part of a fill spent outside the
+  replica's model (the round trip less the time the replica reports), and the
+  round trip of a request that does no model work (GET /v1/health);
 - throughput: requests/s, p50 and p99 for 1, 4 and 16 concurrent clients
   against 1 and 2 replicas (one CPU thread each by default). Each client is one
   editor's language server: its own `Engine` over its own `RemoteBackend`
@@ -97,6 +100,16 @@ def timed_fills(engine, settings, requests: list[tuple[str, int, int]], document
         if found.source != "model":
             raise SystemExit(f"parafill bench --engine: a request was answered from {found.source}, not the model")
     return latencies
+
+
+def paired_fills(local, remote, settings, requests: list[tuple[str, int, int]]) -> tuple[list[float], list[float]]:
+    """Each request in this process and through the engine, one after the other, the order
+    alternating: (in-process ms, through-engine ms), pair by pair."""
+    here, there = [], []
+    for i, request in enumerate(requests):
+        for engine in ((local, remote) if i % 2 == 0 else (remote, local)):
+            (here if engine is local else there).extend(timed_fills(engine, settings, [request], "file:///bench/hop.py"))
+    return here, there
 
 
 def noop_round_trips(url: str, token: str, count: int) -> list[float]:
@@ -213,16 +226,13 @@ def run(args, model: str | None, token: str, replica_counts: list[int], client_c
         settings = Settings(latency_budget_ms=0, min_confidence=0, steps=4, span_tokens_line=8, span_tokens_block=8,
                             context_tokens=256)
 
-    # In this process first, before Ray takes the machine's attention.
+    # The same model in this process, at the same thread count, for the hop's in-process side.
     torch.set_num_threads(args.threads)
     local = Engine.load(model, device="cpu")
     local.set_threads(args.threads)
     model_name = local.backend.name
     hop_work = cursors(args.hop_requests + 2, "hop")
     timed_fills(local, settings, hop_work[:2], "file:///bench/warm.py")
-    in_process = timed_fills(local, settings, hop_work[2:], "file:///bench/hop.py")
-    del local
-    say(f"in this process: p50 {percentiles(in_process)['p50']} ms")
 
     cpus = args.num_cpus or float(os.cpu_count() or 1)
     cluster = start_local_cluster(cpus, 0.0, digest(token))
@@ -237,14 +247,19 @@ def run(args, model: str | None, token: str, replica_counts: list[int], client_c
             if not hop:
                 engine = connect_engine(url)
                 timed_fills(engine, settings, hop_work[:2], "file:///bench/warm.py")
-                remote = timed_fills(engine, settings, hop_work[2:], "file:///bench/hop.py")
+                in_process, remote = paired_fills(local, engine, settings, hop_work[2:])
+                outside = engine.backend.remote_status()["hopMs"]
                 engine.backend.close()
+                local = None  # its memory back before the throughput runs
                 noop = noop_round_trips(url, token, args.hop_requests)
                 added = [r - i for r, i in zip(remote, in_process)]
                 hop = {"in_process_ms": percentiles(in_process), "through_engine_ms": percentiles(remote),
-                       "added_ms": percentiles(added), "noop_round_trip_ms": percentiles(noop)}
+                       "added_ms": percentiles(added), "outside_model_ms": outside,
+                       "noop_round_trip_ms": percentiles(noop)}
                 say(f"hop: no-op round trip p50 {hop['noop_round_trip_ms']['p50']} ms, fills "
-                    f"{hop['through_engine_ms']['p50']} ms through the engine vs {hop['in_process_ms']['p50']} ms here")
+                    f"{hop['through_engine_ms']['p50']} ms through the engine vs {hop['in_process_ms']['p50']} ms here "
+                    f"(added p50 {hop['added_ms']['p50']} ms, of which outside the replica's model "
+                    f"p50 {outside['p50']} ms)")
             for clients in client_counts:
                 row = {"replicas": replicas, **clients_run(url, settings, clients, args.requests,
                                                            f"r{replicas}c{clients}")}
@@ -265,6 +280,7 @@ def run(args, model: str | None, token: str, replica_counts: list[int], client_c
     headline = {
         "hop_noop_p50_ms": hop["noop_round_trip_ms"]["p50"], "hop_noop_p99_ms": hop["noop_round_trip_ms"]["p99"],
         "hop_added_p50_ms": hop["added_ms"]["p50"], "hop_added_p99_ms": hop["added_ms"]["p99"],
+        "hop_outside_model_p50_ms": hop["outside_model_ms"]["p50"],
         "hop_target_p50_ms": HOP_TARGET_MS,
         "hop_target_met": hop["noop_round_trip_ms"]["p50"] is not None
         and hop["noop_round_trip_ms"]["p50"] <= HOP_TARGET_MS,
