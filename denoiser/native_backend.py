@@ -24,6 +24,7 @@ from denoiser.checkpoint import load_native_model
 from denoiser.context_layout import context_ids
 from denoiser.drafts import DraftCalibration, check_draft
 from denoiser.kv_cache import ContextKVCache
+from denoiser.model import cpu_has_native_bf16
 from fim.request import FimRequest
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,28 @@ def needs_more_span(text: str, mode: str) -> bool:
     return mode == "block" or "\n" not in text
 
 
+CPU_PRECISIONS = ("auto", "bf16", "fp32", "reference")
+
+
+def resolve_cpu_precision(precision: str | None = None) -> str:
+    """How span steps run on a CPU: `precision`, else PARAFILL_CPU_PRECISION, else "auto".
+
+    "fp32": `CpuInference` in fp32, the reference's results up to rounding; "bf16": its
+    linear layers in bf16 (as the model was trained, under bf16 autocast) and the output
+    head screened in bf16 and rescored exactly; "auto": bf16 where the CPU multiplies bf16
+    natively (`cpu_has_native_bf16`), fp32 elsewhere; "reference": the kernels' torch
+    references op by op (slowest; for comparison).
+    """
+    raw = precision if precision is not None else os.environ.get("PARAFILL_CPU_PRECISION", "auto")
+    value = raw.strip().lower()
+    if value not in CPU_PRECISIONS:
+        raise ValueError(f"CPU precision {raw!r} is not one of {', '.join(CPU_PRECISIONS)} "
+                         "(check PARAFILL_CPU_PRECISION)")
+    if value == "auto":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return value
+
+
 def cuda_graphs_wanted(device: torch.device) -> bool:
     """CUDA graphs for the step: on CUDA unless PARAFILL_CUDA_GRAPHS=0."""
     return device.type == "cuda" and os.environ.get("PARAFILL_CUDA_GRAPHS", "1").strip() not in ("0", "false", "no")
@@ -154,6 +177,7 @@ class NativeBackend:
         max_context_tokens: int | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
         cuda_graphs: bool | None = None,
+        cpu_precision: str | None = None,
         progress: Callable[[str, int], None] | None = None,
     ):
         self.model_dir = Path(model_dir)
@@ -167,6 +191,14 @@ class NativeBackend:
         if progress:
             progress(f"loading {self.model_dir.name} on {self.device}", 20)
         self.model, self.tokenizer, self.config = load_native_model(self.model_dir, self.device, self.dtype)
+        # Prefill and span steps on a CPU (fp32 weights) run on `CpuInference`, the steps in the precision
+        # chosen here (None: a GPU, or the reference ops). Prefill and the context cache stay fp32 in every one.
+        self.cpu_precision = None
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            self.cpu_precision = resolve_cpu_precision(cpu_precision)
+            if self.cpu_precision != "reference":
+                matmul = torch.bfloat16 if self.cpu_precision == "bf16" else torch.float32
+                self.model.prepare_cpu_inference(matmul, screen_head=self.cpu_precision == "bf16")
         self.name = self.model_dir.name
         self.parameters = sum(p.numel() for p in self.model.parameters())
         # How far a draft from the user's code can be trusted with this model (None: the plain check).
@@ -237,6 +269,7 @@ class NativeBackend:
             max_total_span_tokens=self.max_total_span_tokens,
             max_context_tokens=self.max_context_tokens,
             max_batch=self.batcher.max_batch,
+            cpu_precision=self.cpu_precision,
         )
         moved.set_cpu_threads(self.threads_setting)
         return moved

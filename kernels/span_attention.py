@@ -23,6 +23,10 @@ All heads that share a kv head are packed into one query block, so each
 context key is read once per group. With one chunk the first kernel writes
 the output directly.
 
+On the CPU (`span_attention_cpu`) the same split is the fast path too, with two
+chunks: torch's fused CPU attention over the context read in place from the cache
+(no copy of it) and over the span's own keys, merged by their log-sum-exps.
+
 This module owns no cache and no model; the caller keeps keys rotated and
 tracks ctx_len.
 """
@@ -215,6 +219,78 @@ def span_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_span
     return out.to(q.dtype)
 
 
+# torch's fused CPU attention, which also returns each row's log-sum-exp (absent from some builds).
+_flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def span_attention_cpu(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_span: Tensor, v_span: Tensor,
+                       ctx_len: int | Tensor, *, scale: float | None = None) -> Tensor:
+    """The CPU path: the context and the span attended apart, then merged (same maths as the reference).
+
+    Concatenating [k_ctx; k_span] would copy the whole cached context in every layer of
+    every step (a fifth of the attention's time at a 1k context, more where malloc maps
+    each large copy afresh); instead the context keys are read
+    in place and the two partial results combined by their row log-sum-exps, as the
+    Triton kernel's combine does: out = lerp(o_ctx, o_span, sigmoid(lse_span - lse_ctx)).
+    Output rows come back in q's memory order, so a q that is a transposed [B, L, H, D]
+    view gives an output whose transpose is contiguous. Falls back to the reference
+    for what the fused op does not take (grouped heads, mixed dtypes, a build without it).
+    """
+    group, capacity = _check(q, k_cache, v_cache, k_span, v_span)
+    dtypes = {q.dtype, k_cache.dtype, v_cache.dtype, k_span.dtype, v_span.dtype}
+    if _flash_cpu is None or group > 1 or len(dtypes) > 1:
+        return span_attention_reference(q, k_cache, v_cache, k_span, v_span, ctx_len, scale=scale)
+    b, _, _, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if isinstance(ctx_len, Tensor):
+        lens = _ctx_lens(ctx_len, b, capacity, q.device).clamp(0, capacity).tolist()
+    elif 0 <= ctx_len <= capacity:
+        lens = [ctx_len] * b
+    else:
+        raise ValueError(f"ctx_len {ctx_len} is outside the cache (capacity {capacity})")
+    out, lse_span = _flash_cpu(q, k_span, v_span, scale=scale)
+    if len(set(lens)) == 1:
+        return _merge_context(out, lse_span, q, k_cache, v_cache, lens[0], scale)
+    # One context length per row: each row reads its own context.
+    for row, n in enumerate(lens):
+        rows = slice(row, row + 1)
+        out[rows] = _merge_context(out[rows], lse_span[rows], q[rows], k_cache[rows], v_cache[rows], n, scale)
+    return out
+
+
+def prefill_attention_cpu(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: int, *,
+                          scale: float | None = None) -> Tensor:
+    """Causal attention of L new context tokens at positions start.. whose keys and values are
+    already in the cache at [start, start + L): query i sees keys 0..start + i.
+
+    q [B, H, L, D]; k_cache, v_cache [B, H, capacity, D]. The same split as
+    `span_attention_cpu`: the new block attends to itself causally, the earlier context
+    in full, merged by log-sum-exp; no [L, start + L] mask is built or read, and the
+    block's upper triangle is skipped. Falls back to a masked `F.scaled_dot_product_attention`
+    where the fused op cannot run.
+    """
+    b, h, n, d = q.shape
+    end = start + n
+    if start < 0 or end > k_cache.shape[2]:
+        raise ValueError(f"positions {start}..{end} are outside the cache (capacity {k_cache.shape[2]})")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if _flash_cpu is None or k_cache.shape[1] != h or len({q.dtype, k_cache.dtype, v_cache.dtype}) > 1:
+        mask = torch.ones(n, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        return F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask, scale=scale)
+    out, lse = _flash_cpu(q, k_cache[:, :, start:end], v_cache[:, :, start:end], is_causal=True, scale=scale)
+    return _merge_context(out, lse, q, k_cache, v_cache, start, scale)
+
+
+def _merge_context(out: Tensor, lse_span: Tensor, q: Tensor, k_cache: Tensor, v_cache: Tensor, n: int,
+                   scale: float) -> Tensor:
+    """Span-only attention (out, lse_span) merged with attention over the first n context keys."""
+    if n == 0:  # nothing to merge (and the fused op would divide by zero keys)
+        return out
+    ctx, lse_ctx = _flash_cpu(q, k_cache[:, :, :n], v_cache[:, :, :n], scale=scale)
+    # The span's share of the softmax mass: exp(lse_span) / (exp(lse_ctx) + exp(lse_span)).
+    return ctx.lerp_(out, torch.sigmoid(lse_span.sub_(lse_ctx)).unsqueeze(-1))
+
+
 def choose_num_splits(batch: int, n_kv_heads: int, query_blocks: int, max_ctx: int, device: torch.device) -> int:
     """Context chunks per (batch, kv head, query block): enough programs to fill the GPU twice over."""
     programs = batch * n_kv_heads * query_blocks
@@ -287,10 +363,13 @@ def span_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_span: Tensor, 
     q [B, H, L, D]; k_cache, v_cache [B, Hkv, capacity, D]; k_span, v_span
     [B, Hkv, L, D]; ctx_len int or int tensor [B] (<= capacity). scale defaults
     to 1/sqrt(D). Returns [B, H, L, D] in q's dtype.
-    use_triton: None = Triton on CUDA, the torch reference elsewhere;
-    True = Triton (on CPU tensors only with TRITON_INTERPRET=1); False = reference.
+    use_triton: None = Triton on CUDA, `span_attention_cpu` on the CPU, the torch
+    reference elsewhere; True = Triton (on CPU tensors only with TRITON_INTERPRET=1);
+    False = the reference.
     """
     # ctx_len is left out of the device check: a host tensor is copied over.
     if should_use_triton(use_triton, q, k_cache, v_cache, k_span, v_span):
         return span_attention_triton(q, k_cache, v_cache, k_span, v_span, ctx_len, scale=scale, num_splits=num_splits)
+    if use_triton is None and q.device.type == "cpu":
+        return span_attention_cpu(q, k_cache, v_cache, k_span, v_span, ctx_len, scale=scale)
     return span_attention_reference(q, k_cache, v_cache, k_span, v_span, ctx_len, scale=scale)

@@ -47,6 +47,33 @@ def test_denoiser_rows_cover_spans_batches_and_steps(report):
         assert by_steps[1] > by_steps[max(by_steps)]
 
 
+def test_each_step_beside_its_bound_at_the_rate_of_the_dtype_it_runs_in(report):
+    _, data = report
+    dtypes = data["denoiser"]["flop_dtypes"]
+    assert dtypes["attention"] == "float32"
+    assert dtypes["linear"] == ("bfloat16" if data["model"]["cpu_precision"] == "bf16" else "float32")
+    for dtype in set(dtypes.values()):
+        rate = data["device"]["matmul"] if dtype == "float32" else data["device"][f"matmul_{dtype}"]
+        assert rate["dtype"] == dtype and positive(rate["gflops"])
+    for r in data["denoiser"]["rows"]:
+        assert r["x_bound"] == pytest.approx(r["step_ms"] / r["bound_ms"], rel=0.02)
+        if dtypes["linear"] != "float32":  # the bound with every FLOP in fp32 too, to compare precisions
+            assert r["x_bound_float32"] == pytest.approx(r["step_ms"] / r["bound_float32_ms"], rel=0.02)
+    assert "x_bound" in data["headline"]["step"]
+
+
+def test_flops_by_kind_add_up():
+    from denoiser.config import ModelConfig
+
+    config = ModelConfig(d_model=256, n_layers=4, n_heads=4, d_ff=704)
+    parts = bench.span_step_flop_parts(config, 1, 1024, 32)
+    assert parts["attention"] == 4 * 4 * (1024 + 32) * 256 * 32
+    assert sum(parts.values()) == bench.span_step_flops(config, 1, 1024, 32)
+    rates = {"float32": {"gflops": 100.0}, "bfloat16": {"gflops": 200.0}}
+    mixed = bench.step_bound_s(parts, {"linear": "bfloat16", "attention": "float32"}, rates)
+    assert mixed == pytest.approx(parts["linear"] / 200e9 + parts["attention"] / 100e9)
+
+
 def test_autoregressive_baseline_and_ratio(report):
     _, data = report
     ar = data["autoregressive"]

@@ -18,12 +18,12 @@ def triton_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def _triton_everywhere(monkeypatch):
-    # The model calls the dispatchers by these names; force their Triton paths.
+def _every_op(monkeypatch, use_triton: bool):
+    # The model calls the dispatchers by these names; force their Triton paths, or their references.
     for name, op in (("rms_norm", rms_norm), ("apply_rotary", apply_rotary),
                      ("fused_span_attention", span_attention), ("lm_head_argmax", lm_head_argmax)):
         assert hasattr(model_module, name), f"denoiser.model no longer calls kernels' {name}"
-        monkeypatch.setattr(model_module, name, functools.partial(op, use_triton=True))
+        monkeypatch.setattr(model_module, name, functools.partial(op, use_triton=use_triton))
 
 
 def test_span_step_on_triton_kernels_matches_the_reference_step(monkeypatch):
@@ -40,9 +40,10 @@ def test_span_step_on_triton_kernels_matches_the_reference_step(monkeypatch):
     ctx_len = torch.tensor([11, 7])  # the second document's context is shorter
     banned = torch.tensor([2, 3, 4, 5])
 
+    _every_op(monkeypatch, use_triton=False)
     hidden_ref = model.span_hidden(span, kv, ctx_len)
     ids_ref, conf_ref = model.span_tokens(span, kv, ctx_len, banned_ids=banned, vocab_limit=75)
-    _triton_everywhere(monkeypatch)
+    _every_op(monkeypatch, use_triton=True)
     hidden = model.span_hidden(span, kv, ctx_len)
     ids, conf = model.span_tokens(span, kv, ctx_len, banned_ids=banned, vocab_limit=75)
 

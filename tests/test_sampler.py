@@ -202,3 +202,18 @@ def test_the_result_carries_the_probability_of_each_written_token():
     want = sum(math.log(probabilities[i, 40]) for i in range(model.END)) + math.log(probabilities[model.END, EOS_ID])
     assert result.scored == model.END + 1
     assert result.log_confidence == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("screen_head", [False, True], ids=["fp32-head", "bf16-screened-head"])
+def test_the_cpu_step_decodes_the_reference_spans(screen_head):
+    """`CpuInference` in fp32 (its output head exact, or screened in bf16 and rescored) writes the
+    same spans, in the same number of steps, as the reference step."""
+    decode = DecodeSettings(steps=6, confidence_threshold=0.5)
+    for seed in range(4):
+        model = make_model(seed, scale=4.0)
+        kv = context_kv(model, seed + 10)
+        want = denoise_span(model, kv, CTX, 24, decode, vocab_limit=75)
+        model.prepare_cpu_inference(torch.float32, screen_head=screen_head)
+        got = denoise_span(model, kv, CTX, 24, decode, vocab_limit=75)
+        assert (got.tokens, got.steps, got.ended) == (want.tokens, want.steps, want.ended)
+        assert got.log_confidence == pytest.approx(want.log_confidence, abs=0.05 if screen_head else 1e-4)

@@ -180,16 +180,35 @@ def matmul_rate(device, dtype) -> dict:
             "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads()}
 
 
-def span_step_flops(config, batch: int, context: int, span: int) -> float:
-    """FLOPs of one denoising step (2 per multiply-add): the span's tokens through every layer,
-    their attention over the cached context and the span, and the output head at every span position."""
+def span_step_flop_parts(config, batch: int, context: int, span: int) -> dict[str, float]:
+    """FLOPs of one denoising step (2 per multiply-add) by kind: "linear", the span's tokens through
+    every layer's projections and the output head at every span position; "attention", their
+    attention over the cached context and the span."""
     from training.step import body_parameters
 
     tokens = batch * span
     body = 2 * body_parameters(config) * tokens
-    attention = config.n_layers * 4 * (context + span) * config.d_model * tokens
     head = 2 * config.d_model * config.vocab_size * tokens
-    return float(body + attention + head)
+    attention = config.n_layers * 4 * (context + span) * config.d_model * tokens
+    return {"linear": float(body + head), "attention": float(attention)}
+
+
+def span_step_flops(config, batch: int, context: int, span: int) -> float:
+    """FLOPs of one denoising step (`span_step_flop_parts` together)."""
+    return sum(span_step_flop_parts(config, batch, context, span).values())
+
+
+def step_dtypes(backend) -> dict[str, str]:
+    """The dtype each kind of a step's FLOPs runs in: the model's, except a CPU step in bf16
+    (`denoiser.model.CpuInference`), whose linear layers run in bf16 and attention in fp32."""
+    model_dtype = str(backend.dtype).replace("torch.", "")
+    linear = "bfloat16" if getattr(backend, "cpu_precision", None) == "bf16" else model_dtype
+    return {"linear": linear, "attention": model_dtype}
+
+
+def step_bound_s(parts: dict[str, float], dtypes: dict[str, str], rates: dict[str, dict]) -> float:
+    """Seconds the step's arithmetic takes with each kind at the measured matmul rate of its dtype."""
+    return sum(flops / (rates[dtypes[kind]]["gflops"] * 1e9) for kind, flops in parts.items())
 
 
 def timed(fn, device, reps: int) -> float:
@@ -252,18 +271,33 @@ def step_timer(backend, context_len: int, span_len: int, batch: int):
     return step, kv
 
 
-def weight_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+def weight_bytes(model, matrix_dtype=None) -> int:
+    """Bytes of the model's weights, its matrices counted in `matrix_dtype` when given (what a
+    bf16 CPU step reads: its bf16 copies)."""
+    import torch
+
+    matrix_size = torch.empty(0, dtype=matrix_dtype).element_size() if matrix_dtype is not None else None
+    return sum(p.numel() * (matrix_size if matrix_size and p.dim() == 2 else p.element_size())
+               for p in model.parameters())
 
 
 def kv_bytes(config, context_len: int, element_size: int) -> int:
     return 2 * config.n_layers * context_len * config.d_model * element_size
 
 
-def bench_denoiser(backend, plan: Plan, bandwidth_gbps: float, matmul_gflops: float) -> dict:
+def bench_denoiser(backend, plan: Plan, bandwidth_gbps: float, rates: dict[str, dict]) -> dict:
+    """Step times by span and batch, each beside its FLOPs and its bound: the time the FLOPs take
+    at the matmul rate of the dtype they run in (`rates`: dtype name -> `matmul_rate`). When that
+    is not the model's dtype (a bf16 CPU step), the bound with every FLOP at the model dtype's
+    rate is given as well, so results compare across precisions."""
+    import torch
+
     config = backend.model.config
+    dtypes = step_dtypes(backend)
+    model_dtype = dtypes["attention"]
+    mixed = set(dtypes.values()) != {model_dtype}
     element = backend.model.embed.weight.element_size()
-    weights = weight_bytes(backend.model)
+    weights = weight_bytes(backend.model, getattr(torch, dtypes["linear"]))
     ctx = min(plan.headline_context, config.max_positions - max(plan.spans))
     rows = []
     for span_len in plan.spans:
@@ -271,12 +305,19 @@ def bench_denoiser(backend, plan: Plan, bandwidth_gbps: float, matmul_gflops: fl
             step, _ = step_timer(backend, ctx, span_len, batch)
             seconds = timed(step, backend.device, plan.step_reps)
             read = weights + batch * kv_bytes(config, ctx, element)
-            flops = span_step_flops(config, batch, ctx, span_len)
-            bound = flops / (matmul_gflops * 1e9)
+            parts = span_step_flop_parts(config, batch, ctx, span_len)
+            flops = sum(parts.values())
+            bound = step_bound_s(parts, dtypes, rates)
+            at_model_dtype = {}
+            if mixed:
+                bound_model = step_bound_s(parts, dict.fromkeys(parts, model_dtype), rates)
+                at_model_dtype = {f"bound_{model_dtype}_ms": round(bound_model * 1000, 4),
+                                  f"x_bound_{model_dtype}": round(seconds / bound_model, 2)}
             rows.append({
                 "span": span_len, "batch": batch, "context": ctx, "step_ms": round(seconds * 1000, 4),
-                # The step's arithmetic, the time it takes at the measured matmul rate, and how far off that the step is.
+                # The step's arithmetic, the time it takes at the measured matmul rates, how far off that it is.
                 "gflop": round(flops / 1e9, 4), "bound_ms": round(bound * 1000, 4), "x_bound": round(seconds / bound, 2),
+                **at_model_dtype,
                 "weights_gbps": round(weights / seconds / 1e9, 3),
                 "weights_and_kv_gbps": round(read / seconds / 1e9, 3),
                 "bandwidth_fraction": round(read / seconds / 1e9 / bandwidth_gbps, 4),
@@ -284,7 +325,7 @@ def bench_denoiser(backend, plan: Plan, bandwidth_gbps: float, matmul_gflops: fl
                 "tokens_per_s_by_steps": {str(s): round(span_len * batch / (s * seconds), 1)
                                           for s in plan.steps if s <= span_len},
             })
-    return {"context": ctx, "weight_bytes": weights, "rows": rows}
+    return {"context": ctx, "weight_bytes": weights, "flop_dtypes": dtypes, "rows": rows}
 
 
 def bench_autoregressive(backend, plan: Plan) -> dict:
@@ -545,7 +586,7 @@ def headline(report: dict, plan: Plan) -> dict:
     ar = report["autoregressive"]["tokens_per_s"]
     out = {"span": plan.headline_span, "context": report["denoiser"]["context"], "autoregressive_tokens_per_s": ar}
     if rows:
-        out["step"] = {k: rows[0][k] for k in ("step_ms", "gflop", "bound_ms", "x_bound")}
+        out["step"] = {k: v for k, v in rows[0].items() if k in ("step_ms", "gflop") or "bound" in k}
         by_steps = rows[0]["tokens_per_s_by_steps"]
         out["denoiser_tokens_per_s_by_steps"] = by_steps
         out["ratio_to_autoregressive_by_steps"] = {s: round(v / ar, 2) for s, v in by_steps.items()}
@@ -698,14 +739,22 @@ def run(model_dir: Path, args: argparse.Namespace, plan: Plan) -> dict:
         "decode": {"steps": plan.decode_steps or "adaptive (0)", "confidence_threshold": Settings().confidence_threshold},
         "device": {**describe_device(device), "bandwidth": bandwidth},
         "model": {"dir": str(model_dir), "parameters": backend.parameters, "dtype": str(backend.dtype).replace("torch.", ""),
-                  "config": backend.config.to_json(), "step_runner": type(backend.batcher.step_runner).__name__},
+                  "config": backend.config.to_json(), "step_runner": type(backend.batcher.step_runner).__name__,
+                  "cpu_precision": backend.cpu_precision},
     }
     report["device"]["matmul"] = matmul_rate(device, backend.dtype)
-    report["denoiser"] = bench_denoiser(backend, plan, bandwidth["gbps"], report["device"]["matmul"]["gflops"])
+    rates = {report["device"]["matmul"]["dtype"]: report["device"]["matmul"]}
+    for dtype in set(step_dtypes(backend).values()) - set(rates):
+        rates[dtype] = report["device"][f"matmul_{dtype}"] = matmul_rate(device, getattr(torch, dtype))
+    report["denoiser"] = bench_denoiser(backend, plan, bandwidth["gbps"], rates)
+    dtypes = report["denoiser"]["flop_dtypes"]
+    at = ", ".join(f"{kind} at {rates[dtype]['gflops']:g} GFLOP/s {dtype}" for kind, dtype in dtypes.items())
     for row in report["denoiser"]["rows"]:
+        model_bound = "".join(f"; {row[key]:.1f}x the bound with every FLOP in {key[len('x_bound_'):]}"
+                              for key in row if key.startswith("x_bound_"))
         print(f"step span {row['span']:>3} batch {row['batch']:>2} context {row['context']}: {row['step_ms']:.2f} ms, "
-              f"{row['gflop']:.3f} GFLOP, {row['bound_ms']:.2f} ms at {report['device']['matmul']['gflops']:g} GFLOP/s "
-              f"({row['x_bound']:.1f}x the bound)", file=sys.stderr)
+              f"{row['gflop']:.3f} GFLOP, {row['bound_ms']:.2f} ms with {at} "
+              f"({row['x_bound']:.1f}x the bound{model_bound})", file=sys.stderr)
     report["autoregressive"] = bench_autoregressive(backend, plan)
     report["real_fills"] = real_fills(backend, plan)
     report["context_scaling"] = bench_context_scaling(backend, plan)
