@@ -240,12 +240,15 @@ class SpanDenoiser(nn.Module):
         step); the others get MASK_ID and confidence -1. Its gather syncs with
         the host, so CUDA graphs never pass it.
         """
-        hidden = self.span_hidden(span_ids, kv, ctx_len)
-        cpu = self._cpu_inference_for(span_ids, kv)
+        cpu = self._cpu_inference_for(span_ids, kv)  # checked once per step: body and head agree
         if cpu is not None:
+            hidden = cpu.hidden(span_ids, kv, ctx_len)
+
             def head(rows):
                 return cpu.tokens(rows, banned_ids=banned_ids, vocab_limit=vocab_limit)
         else:
+            hidden = self.span_hidden(span_ids, kv, ctx_len)
+
             def head(rows):
                 return lm_head_argmax(rows, self.final_norm.weight, self.final_norm.eps, self.embed.weight,
                                       banned_ids=banned_ids, vocab_limit=vocab_limit)

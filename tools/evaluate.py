@@ -441,8 +441,7 @@ def evaluate_setting(setting, backend, base_settings, suites, heldout, args, poo
             )
             attempt = Attempt(task.task_id, text, placement.expected, latency, result.tokens, result.steps,
                               result.source, confidence=result.confidence,
-                              extra={"budget_cut": result.budget_cut, "draft": result.draft,
-                                           "draft_text": result.request.draft or None})
+                              extra=_extra(result))
             attempt.test = pool.submit(humaneval.run_tests, task, placement.program(text),
                                        timeout_s=args.test_timeout, memory_mb=args.test_memory_mb)
             attempts.append(attempt)
@@ -459,12 +458,16 @@ def evaluate_setting(setting, backend, base_settings, suites, heldout, args, poo
             )
             attempts.append(Attempt(example.example_id, text, example.placement.expected, latency,
                                     result.tokens, result.steps, result.source, confidence=result.confidence,
-                                    extra={"budget_cut": result.budget_cut, "draft": result.draft,
-                                           "draft_text": result.request.draft or None}))
+                                    extra=_extra(result)))
         results["heldout"] = summarise(attempts)
         samples += [_sample(setting, "heldout", a) for a in attempts]
         log(f"  {setting.label} | heldout: {len(attempts)} done")
     return results, samples
+
+
+def _extra(result) -> dict:
+    """What a sample records of a Suggestion beside its text: a budget cut, the draft and its fate."""
+    return {"budget_cut": result.budget_cut, "draft": result.draft, "draft_text": result.request.draft or None}
 
 
 def _sample(setting: Setting, suite: str, attempt: Attempt) -> dict:
