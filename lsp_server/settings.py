@@ -47,6 +47,9 @@ class Settings:
     engine: str = ""
     engine_token_file: str = ""  # the engine's token file (PARAFILL_ENGINE_TOKEN wins when set)
     engine_fallback: str = "none"  # "local": the local model answers while the engine is unreachable
+    # Open models only: reuse a document's context keys/values approximately from one request to the
+    # next, with at most one full pass per request (faster on a CPU; fills can differ from exact ones).
+    open_model_keystroke_cache: bool = False
 
 
 def latency_budget_ms(settings: Settings, device: str) -> int:
@@ -156,6 +159,7 @@ _CHECKS = {
     "engine": _engine_url,
     "engine_token_file": _path_text,
     "engine_fallback": _engine_fallback,
+    "open_model_keystroke_cache": _flag,
 }
 
 
