@@ -14,12 +14,13 @@ any masked-diffusion model (the open families' `SpanDecoder` uses them with its
 own mask and end ids).
 
 A small model agrees with little it did not write itself, even when the draft is
-right, so a model directory may carry a `DraftCalibration` (drafts.json): the
-probability that a draft is right, from the model's check and from how well the
-draft's source matched the cursor's surroundings, fitted on code the model never
-trained on (`parafill eval --fit-drafts`). A draft it rates at least `accept` is
-kept whole, and that probability is its confidence: the suggestion's gate then
-means what it always does. This module does not tokenize or pick drafts.
+right, and a repair of a right draft is usually wrong. So a model directory may
+carry a `DraftCalibration` (drafts.json): the probability that a draft is right,
+from the model's check and from how well the draft's source matched the cursor's
+surroundings, fitted on code the model never trained on (`parafill eval
+--fit-drafts`). With one, every draft is decided whole, and that probability is
+its confidence: the suggestion's gate then means what it always does. This module
+does not tokenize or pick drafts.
 """
 from __future__ import annotations
 
@@ -101,15 +102,14 @@ def judge(laid: Tensor, proposed: int, tokens: Tensor, confidence: Tensor, *, ma
 
 @dataclass(frozen=True)
 class DraftCalibration:
-    """P(draft right) = sigmoid(bias + sum of weight * feature); drafts rated >= `accept` are kept whole."""
+    """P(draft right) = sigmoid(bias + sum of weight * feature): a checked draft's confidence."""
 
     weights: dict[str, float]
     bias: float
-    accept: float = 0.5
     about: dict = field(default_factory=dict, compare=False)  # what it was fitted on
 
     FEATURES = ("mean_log_prob", "agreement", "log_matched_chars", "matched_lines", "log_occurrences",
-                "log_tokens")
+                "log_tokens", "next_line", "log_rivals")
 
     @staticmethod
     def features(check: DraftCheck, evidence: DraftEvidence, draft_tokens: int) -> dict[str, float]:
@@ -120,6 +120,8 @@ class DraftCalibration:
             "matched_lines": float(min(evidence.matched_lines, 3)),
             "log_occurrences": math.log(max(1, evidence.occurrences)),
             "log_tokens": math.log1p(draft_tokens),
+            "next_line": float(evidence.next_line),
+            "log_rivals": math.log1p(evidence.rivals),
         }
 
     def probability(self, features: dict[str, float]) -> float:
@@ -135,13 +137,12 @@ class DraftCalibration:
         unknown = set(data["weights"]) - set(cls.FEATURES)
         if unknown:
             raise ValueError(f"{path}: unknown draft features {sorted(unknown)}; known: {', '.join(cls.FEATURES)}")
-        return cls({k: float(v) for k, v in data["weights"].items()}, float(data["bias"]),
-                   float(data.get("accept", 0.5)), data.get("about", {}))
+        return cls({k: float(v) for k, v in data["weights"].items()}, float(data["bias"]), data.get("about", {}))
 
     def save(self, model_dir: str | Path) -> Path:
         path = Path(model_dir) / CALIBRATION_FILE
-        path.write_text(json.dumps({"weights": self.weights, "bias": self.bias, "accept": self.accept,
-                                    "about": self.about}, indent=2) + "\n", encoding="utf-8")
+        path.write_text(json.dumps({"weights": self.weights, "bias": self.bias, "about": self.about}, indent=2)
+                        + "\n", encoding="utf-8")
         return path
 
 
@@ -159,7 +160,7 @@ def check_draft(model, kv: KVBuffers, ctx_len: int, span_len: int, draft_ids: li
                 calibration: DraftCalibration | None = None,
                 evidence: DraftEvidence = DraftEvidence()) -> DraftCheck:
     """Score every position of the draft while it is masked (one forward of two rows) and keep the agreed
-    ones, or the whole draft when `calibration` rates it at least its `accept`."""
+    ones; with a `calibration`, the whole draft, its rating as its confidence."""
     laid = torch.tensor(draft_positions(draft_ids, span_len), dtype=torch.long, device=kv.k.device)
     proposed = min(len(draft_ids) + 1, span_len)
     rows = checkerboard(laid, proposed, MASK_ID)
@@ -175,7 +176,6 @@ def check_draft(model, kv: KVBuffers, ctx_len: int, span_len: int, draft_ids: li
     draft_prob = probs.gather(-1, laid.expand(2, -1).unsqueeze(-1)).squeeze(-1)
     check = judge(laid, proposed, tokens, confidence, mask_id=MASK_ID, end_id=EOS_ID, draft_prob=draft_prob)
     if calibration is not None:
-        rated = calibration.probability(DraftCalibration.features(check, evidence, len(draft_ids)))
-        if rated >= calibration.accept:
-            return kept_whole(laid, check, rated)
+        return kept_whole(laid, check, calibration.probability(DraftCalibration.features(check, evidence,
+                                                                                         len(draft_ids))))
     return check

@@ -143,10 +143,11 @@ class Engine:
         ]
 
     @classmethod
-    def load(cls, model=None, device: str = "auto", progress=None, **options) -> "Engine":
+    def load(cls, model=None, device: str = "auto", progress=None, *, open_model_weights: str = "auto",
+             **options) -> "Engine":
         from denoiser.loading import load_backend
 
-        return cls(load_backend(model, device, progress), **options)
+        return cls(load_backend(model, device, progress, open_model_weights=open_model_weights), **options)
 
     # --- answering ------------------------------------------------------------
     @property

@@ -56,8 +56,13 @@ def model_directory(model: str | Path) -> tuple[Path, str | None]:
         raise ModelLoadError(str(exc)) from None
 
 
-def load_backend(model: str | Path | None, device: str = "auto", progress: Progress | None = None) -> Backend:
-    """model: a model directory, a model name (`denoiser.catalogue`), or None for the embedded default model."""
+def load_backend(model: str | Path | None, device: str = "auto", progress: Progress | None = None, *,
+                 open_model_weights: str = "auto") -> Backend:
+    """model: a model directory, a model name (`denoiser.catalogue`), or None for the embedded default model.
+
+    `open_model_weights` ("auto", "bf16", "int8", "fp32") is how an open model's weights are held
+    (`open_model_weight_format`); a native model ignores it.
+    """
     report = progress or (lambda message, percent: None)
     name = None
     if model is None:
@@ -83,7 +88,7 @@ def load_backend(model: str | Path | None, device: str = "auto", progress: Progr
 
         backend = NativeBackend(model_dir, device, progress=report)
     else:
-        backend = _load_open_model(model_dir, config, device, report)
+        backend = _load_open_model(model_dir, config, device, report, open_model_weights)
     if name is not None:  # a cache snapshot's directory is a commit hash: show the name instead
         family, sep, _ = backend.name.rpartition(":")
         backend.name = f"{family}{sep}{name}"
@@ -91,7 +96,34 @@ def load_backend(model: str | Path | None, device: str = "auto", progress: Progr
     return backend
 
 
-def _load_open_model(model_dir: Path, config: dict, device: str, report: Progress) -> Backend:
+def open_model_weight_format(weights: str, device: str) -> tuple[str, bool]:
+    """(dtype name, int8) for an open model's `weights` setting on `device` ("cpu", "cuda", ...).
+
+    "auto" is bf16 on a GPU (fp16 where it lacks bf16) and on a CPU that multiplies bf16 natively
+    (the checkpoints are published in bf16, so nothing is rounded; half fp32's memory and time),
+    fp32 on other CPUs (oneDNN emulates bf16 there, slower than fp32). "int8" (CPU only) holds
+    each projection as int8 per output channel: the least memory and the fastest on a CPU, at
+    some cost in agreement with bf16's fills (docs/OPEN_MODELS.md).
+    """
+    import torch
+
+    on_cpu = device.split(":")[0] == "cpu"
+    if weights == "auto":
+        if on_cpu:
+            from denoiser.model import cpu_has_native_bf16
+
+            return ("bfloat16" if cpu_has_native_bf16() else "float32"), False
+        return ("bfloat16" if torch.cuda.is_bf16_supported() else "float16"), False
+    formats = {"bf16": ("bfloat16", False), "fp32": ("float32", False), "int8": ("float32", True)}
+    if weights not in formats:
+        raise ModelLoadError(f"open model weights {weights!r}: expected one of auto, bf16, int8, fp32")
+    if weights == "int8" and not on_cpu:
+        raise ModelLoadError(f"int8 weights run on the CPU only, not on {device}; "
+                             "set the open model weights to bf16 or auto there")
+    return formats[weights]
+
+
+def _load_open_model(model_dir: Path, config: dict, device: str, report: Progress, weights: str) -> Backend:
     described = config.get("architecture") or config.get("architectures") or config.get("model_type")
     try:
         from denoiser.open_models import load_open_model
@@ -100,5 +132,11 @@ def _load_open_model(model_dir: Path, config: dict, device: str, report: Progres
             f"{model_dir / 'config.json'}: architecture {described!r} is not supported by this "
             f"parafill (open-weight models are unavailable: {exc}); use a native parafill model"
         ) from exc
+    import torch
+
+    from denoiser.backend import resolve_device
+
+    dtype, int8 = open_model_weight_format(weights, str(resolve_device(device)))
     # Its percentages start from 0 again: map them after the 5% already reported.
-    return load_open_model(model_dir, device, progress=lambda message, percent: report(message, 5 + 0.9 * percent))
+    return load_open_model(model_dir, device, progress=lambda message, percent: report(message, 5 + 0.9 * percent),
+                           dtype=getattr(torch, dtype), int8=int8)

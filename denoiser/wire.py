@@ -10,6 +10,7 @@ ends may be different machines. This module holds no networking and no model.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, fields
 from typing import Any
 
 from denoiser.backend import DecodeSettings, FillResult
@@ -32,9 +33,7 @@ def request_to_json(request: FimRequest) -> dict[str, Any]:
         "path": request.path,
         "snippets": [{"path": s.path, "text": s.text} for s in request.snippets],
         "draft": request.draft,
-        "draft_evidence": {"matched_chars": request.draft_evidence.matched_chars,
-                           "matched_lines": request.draft_evidence.matched_lines,
-                           "occurrences": request.draft_evidence.occurrences},
+        "draft_evidence": asdict(request.draft_evidence),
     }
 
 
@@ -74,7 +73,7 @@ def _evidence(data: Any) -> DraftEvidence:
     if not isinstance(data, dict):
         raise WireError("draft_evidence must be an object")
     counts = {}
-    for name in ("matched_chars", "matched_lines", "occurrences"):
+    for name in (f.name for f in fields(DraftEvidence)):
         value = data.get(name, 0)
         if type(value) is not int or not 0 <= value <= 1 << 20:
             raise WireError(f"draft_evidence.{name} must be a whole number from 0 to {1 << 20}")

@@ -57,6 +57,8 @@ class Draft:
     matched_lines: int  # lines before it that also matched the lines before the cursor
     occurrences: int
     matched_chars: int = 0  # characters before the cursor (or of the anchor line) the source matched
+    next_line: bool = False  # the source's next non-empty line is the one the document has after the draft
+    rivals: int = 0  # other continuations the same lookup found
 
 
 class _Document:
@@ -190,7 +192,8 @@ class DraftIndex:
             evidence = before_line.lstrip()
             if len(evidence) < MIN_EVIDENCE:
                 return None
-            return self._rest_of_line(name, cursor_line, evidence, previous, after_line)
+            return self._rest_of_line(name, cursor_line, evidence, previous, after_line,
+                                      _next_non_empty(text, end + 1))
         before = [line.strip() for line in previous if line.strip()]
         if before_line.strip():
             # The cursor ends a line that opens a block: that line is the anchor, the draft starts a new line.
@@ -201,18 +204,18 @@ class DraftIndex:
             anchor_line, typed, lead = previous[anchor_at], before_line, ""
         else:
             return None
-        found = self._next_lines(name, anchor_at, before, anchor_line, typed, lead)
+        found = self._next_lines(name, anchor_at, before, anchor_line, typed, lead, _next_non_empty(text, end + 1))
         if found is None:
             return None
         following = text[end + 1:].split("\n", 40)[:40] if end < len(text) else []
         return _cut_block(found, after_line, following)
 
-    def _rest_of_line(self, name, cursor_line, evidence, previous, after_line) -> Draft | None:
+    def _rest_of_line(self, name, cursor_line, evidence, previous, after_line, upcoming) -> Draft | None:
         wanted = [line.strip() for line in previous if line.strip()][-MAX_CONTEXT_LINES:]
         key = evidence[-KEY_CHARS:]
         whole_only = len(evidence) < KEY_CHARS  # a short key alone matches too much
         with self._lock:
-            # proposed rest -> [characters matched, context score, count, document, line]
+            # proposed rest -> [characters matched, context score, next line matched, count, document, line]
             by_text: dict[str, list] = {}
             looked = 0
             for doc_name, doc in reversed(self._docs.items()):  # open and recent documents first
@@ -232,21 +235,30 @@ class DraftIndex:
                     if rest is None:
                         continue
                     score = self._context_score(doc_name, line, wanted) if whole else -1
-                    entry = by_text.setdefault(rest, [matched, score, 0, doc_name, line])
-                    entry[2] += 1
-                    if (matched, score) > (entry[0], entry[1]):
-                        entry[0], entry[1], entry[3], entry[4] = matched, score, doc_name, line
+                    follows = upcoming is not None and self._next_stripped(doc, line) == upcoming
+                    entry = by_text.setdefault(rest, [matched, score, follows, 0, doc_name, line])
+                    entry[3] += 1
+                    if (matched, score, follows) > (entry[0], entry[1], entry[2]):
+                        entry[0], entry[1], entry[2], entry[4], entry[5] = matched, score, follows, doc_name, line
                 if looked >= MAX_MATCHES:
                     break
         if not by_text:
             return None
-        # Longest match first, then most context, then most frequent, then shortest (the
-        # common part of a family of lines).
-        rest, (matched, score, count, doc_name, line) = max(
-            by_text.items(), key=lambda kv: (kv[1][0], kv[1][1], kv[1][2], -len(kv[0])))
-        return Draft(rest, doc_name, line, max(score, 0), count, matched)
+        # Longest match first, then most context before and after, then most frequent, then
+        # shortest (the common part of a family of lines).
+        rest, (matched, score, follows, count, doc_name, line) = max(
+            by_text.items(), key=lambda kv: (kv[1][0], kv[1][1], kv[1][2], kv[1][3], -len(kv[0])))
+        return Draft(rest, doc_name, line, max(score, 0), count, matched, follows, len(by_text) - 1)
 
-    def _next_lines(self, name, anchor_at, before, anchor_line, typed, lead) -> Draft | None:
+    @staticmethod
+    def _next_stripped(doc: _Document, line: int) -> str | None:
+        """The stripped text of the first non-empty line after `line` (None: none within a few lines)."""
+        for stripped in doc.stripped[line + 1: line + 1 + MAX_CONTEXT_LINES]:
+            if stripped:
+                return stripped
+        return None
+
+    def _next_lines(self, name, anchor_at, before, anchor_line, typed, lead, upcoming) -> Draft | None:
         with self._lock:
             by_text: dict[str, list] = {}
             for doc_name, line in self._occurrences(before[-1], name, anchor_at):
@@ -263,6 +275,7 @@ class DraftIndex:
                 return None
             score, count, doc_name, line, lines = best
             source_anchor = _indent(self._docs[doc_name].lines[line])
+            follows = upcoming is not None and self._next_stripped(self._docs[doc_name], line + len(lines)) == upcoming
         # Re-indent: the draft's first line sits where the source's sat relative to its anchor line.
         first_indent = _indent(lines[0])
         target = typed or _shift(first_indent, source_anchor, _indent(anchor_line))
@@ -270,7 +283,8 @@ class DraftIndex:
         for i, source_line in enumerate(lines):
             indent = _shift(_indent(source_line), first_indent, target)
             out.append((indent[len(typed):] if i == 0 else indent) + source_line.strip())
-        return Draft(lead + "\n".join(out), doc_name, line + 1, score, count, len(before[-1]))
+        return Draft(lead + "\n".join(out), doc_name, line + 1, score, count, len(before[-1]), follows,
+                     len(by_text) - 1)
 
     def _occurrences(self, key, name, own_line):
         """(document, line) where stripped line `key` occurs, line `own_line` of the requester left out."""
@@ -354,10 +368,19 @@ def _cut_block(draft: Draft, after_line: str, following: list[str]) -> Draft | N
         return None
     upcoming = next((line.strip() for line in following if line.strip()), None)
     lines = draft.text.split("\n")
+    follows = draft.next_line
     if upcoming is not None:
         for i, line in enumerate(lines):
             if line.strip() == upcoming:
-                lines = lines[:i]
+                lines, follows = lines[:i], True
                 break
     text = "\n".join(lines).rstrip()
-    return replace(draft, text=text) if text.strip() else None
+    return replace(draft, text=text, next_line=follows) if text.strip() else None
+
+
+def _next_non_empty(text: str, start: int) -> str | None:
+    """The stripped text of the first non-empty line from offset `start` (None: none within a few lines)."""
+    for line in text[start:].split("\n", MAX_CONTEXT_LINES)[:MAX_CONTEXT_LINES]:
+        if line.strip():
+            return line.strip() if len(line) <= MAX_LINE_CHARS else ""
+    return None

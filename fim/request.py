@@ -41,6 +41,8 @@ class DraftEvidence:
     matched_chars: int = 0  # characters before the cursor the source also had
     matched_lines: int = 0  # lines before those that matched too
     occurrences: int = 0  # places in the user's code the same continuation follows
+    next_line: int = 0  # 1: the source's next line is the one the document has after the draft
+    rivals: int = 0  # other continuations the lookup found
 
 
 @dataclass(frozen=True)

@@ -245,7 +245,8 @@ class ParafillServer(LanguageServer):
         return ModelChoice(model=self.settings.model or self.cli_model, device=self.settings.device,
                            engine=self.settings.engine or self.cli_engine,
                            engine_token_file=self.settings.engine_token_file or self.cli_engine_token_file,
-                           engine_fallback=self.settings.engine_fallback)
+                           engine_fallback=self.settings.engine_fallback,
+                           open_model_weights=self.settings.open_model_weights)
 
     def apply_settings(self, raw: Any, *, initial: bool = False) -> list[str]:
         """Take new settings (layered over the initialization options); returns the problems."""
@@ -260,17 +261,22 @@ class ParafillServer(LanguageServer):
         set_verbose(settings.verbose_logging)
         self.drafts.set_enabled(settings.repo_drafts)
         self.worker.threads = settings.threads  # for the next load; a loaded model: `change_settings`
+        self.worker.keystroke_cache = settings.open_model_keystroke_cache
         return problems
 
     def change_settings(self, raw: Any) -> None:
         before, threads = self.model_choice(), self.settings.threads
+        keystroke_cache = self.settings.open_model_keystroke_cache
         self.warn(self.apply_settings(raw))
         if self.settings.repo_drafts and not self._watching_code_files:
             self.spawn(self.watch_code_files())
         if self.model_choice() != before and self.worker.state != "idle":
             self.spawn(self.load_model())
-        elif self.settings.threads != threads:
+            return
+        if self.settings.threads != threads:
             self.spawn(self.worker.set_threads(self.settings.threads))
+        if self.settings.open_model_keystroke_cache != keystroke_cache:
+            self.spawn(self.worker.set_keystroke_cache(self.settings.open_model_keystroke_cache))
 
     async def watch_code_files(self) -> None:
         """With drafts on, ask the editor to report code files changed on disk (the index re-reads them),

@@ -16,6 +16,7 @@ from typing import Any
 SECTION = "parafill"
 DEVICES = ("auto", "cpu", "cuda")
 ENGINE_FALLBACKS = ("none", "local")  # what answers while a team engine is unreachable
+OPEN_MODEL_WEIGHTS = ("auto", "bf16", "int8", "fp32")  # how an open model's weights are held (denoiser.loading)
 # latencyBudgetMs when unset, per kind of device: room for the 8 steps of a 32-token span and
 # its context pass with the default model on a laptop CPU, and for a bigger model on a GPU; a
 # slower machine gets a shorter suggestion instead of a late one. Others count as "cpu".
@@ -47,6 +48,12 @@ class Settings:
     engine: str = ""
     engine_token_file: str = ""  # the engine's token file (PARAFILL_ENGINE_TOKEN wins when set)
     engine_fallback: str = "none"  # "local": the local model answers while the engine is unreachable
+    # Open models only: reuse a document's context keys/values approximately from one request to the
+    # next, with at most one full pass per request (faster on a CPU; fills can differ from exact ones).
+    open_model_keystroke_cache: bool = False
+    # Open models only: "auto" (bf16 on a GPU and on a CPU with native bf16, else fp32), "bf16",
+    # "int8" (CPU: weight-only int8, about half bf16's memory and faster) or "fp32". Changing it reloads.
+    open_model_weights: str = "auto"
 
 
 def latency_budget_ms(settings: Settings, device: str) -> int:
@@ -98,12 +105,6 @@ def _text(value: Any) -> tuple[Any, str | None]:
     return value, None
 
 
-def _device(value: Any) -> tuple[Any, str | None]:
-    if value not in DEVICES:
-        return None, "one of " + ", ".join(f'"{d}"' for d in DEVICES)
-    return value, None
-
-
 def _languages(value: Any) -> tuple[Any, str | None]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         return None, 'a list of language ids such as ["python", "typescript"] (empty = all)'
@@ -131,15 +132,17 @@ def _path_text(value: Any) -> tuple[Any, str | None]:
     return value, None
 
 
-def _engine_fallback(value: Any) -> tuple[Any, str | None]:
-    if value not in ENGINE_FALLBACKS:
-        return None, "one of " + ", ".join(f'"{v}"' for v in ENGINE_FALLBACKS)
-    return value, None
+def _one_of(choices: tuple[str, ...]):
+    def check(value: Any) -> tuple[Any, str | None]:
+        if value not in choices:
+            return None, "one of " + ", ".join(f'"{v}"' for v in choices)
+        return value, None
+    return check
 
 
 _CHECKS = {
     "model": _text,
-    "device": _device,
+    "device": _one_of(DEVICES),
     "context_tokens": _whole(64, 1 << 20),
     "span_tokens_line": _whole(1, 1024),
     "span_tokens_block": _whole(1, 1024),
@@ -155,7 +158,9 @@ _CHECKS = {
     "verbose_logging": _flag,
     "engine": _engine_url,
     "engine_token_file": _path_text,
-    "engine_fallback": _engine_fallback,
+    "engine_fallback": _one_of(ENGINE_FALLBACKS),
+    "open_model_keystroke_cache": _flag,
+    "open_model_weights": _one_of(OPEN_MODEL_WEIGHTS),
 }
 
 

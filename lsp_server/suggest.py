@@ -155,7 +155,8 @@ def with_draft(request: FimRequest, drafts: DraftIndex, text: str, line: int, ch
     found = drafts.draft(document, text, LineIndex.of(text).offset_at(line, character), request.span.mode)
     if found is None:
         return request
-    evidence = DraftEvidence(found.matched_chars, found.matched_lines, found.occurrences)
+    evidence = DraftEvidence(found.matched_chars, found.matched_lines, found.occurrences, int(found.next_line),
+                             found.rivals)
     return replace(request, draft=found.text, draft_evidence=evidence)
 
 

@@ -110,6 +110,7 @@ class ModelChoice:
     engine: str = ""  # a team engine's URL: it fills instead of a model loaded here
     engine_token_file: str = ""
     engine_fallback: str = "none"  # "local": `model` on `device` answers while the engine is unreachable
+    open_model_weights: str = "auto"  # how an open model's weights are held (denoiser.loading)
 
 
 # Completions in flight at once: enough to fill a batch from a few editors; more
@@ -152,6 +153,7 @@ class ModelWorker:
         # Set (and replaced) whenever a load ends, ready or not: requests waiting for the model wake.
         self._load_ended = asyncio.Event()
         self.threads = 0  # the `threads` setting the engine runs with (0 = automatic)
+        self.keystroke_cache = False  # the `openModelKeystrokeCache` setting (open models only)
 
     @property
     def ready(self) -> bool:
@@ -191,6 +193,13 @@ class ModelWorker:
         engine = self.engine
         if engine is not None:
             await self.call(engine.set_threads, threads)
+
+    async def set_keystroke_cache(self, enabled: bool) -> None:
+        """The `openModelKeystrokeCache` setting, applied now and kept for later loads."""
+        self.keystroke_cache = enabled
+        engine = self.engine
+        if engine is not None:
+            await self.call(_apply_keystroke_cache, engine, enabled)
 
     async def load(self, choice: ModelChoice, progress: Callable[[str, int], None],
                    explain: Callable[[Exception], str] | None = None,
@@ -235,11 +244,16 @@ class ModelWorker:
                 fallback = None
                 if choice.engine_fallback == "local":
                     def fallback():
-                        return load_backend(choice.model or None, choice.device)
+                        backend = load_backend(choice.model or None, choice.device,
+                                               open_model_weights=choice.open_model_weights)
+                        _apply_keystroke_cache(backend, self.keystroke_cache)
+                        return backend
                 return connect_engine(choice.engine, choice.engine_token_file, notify=engine_event,
                                       fallback=fallback, threads=self.threads)
-            engine = Engine.load(choice.model or None, device=choice.device, progress=report)
+            engine = Engine.load(choice.model or None, device=choice.device, progress=report,
+                                 open_model_weights=choice.open_model_weights)
             engine.set_threads(self.threads)
+            _apply_keystroke_cache(engine, self.keystroke_cache)
             return engine
 
         try:
@@ -255,7 +269,9 @@ class ModelWorker:
         if load_id == self._loads and engine is not None:  # a newer load started meanwhile: it wins
             self.engine = engine
             self.state = "ready"
-            self.message = f"{engine.backend.name} ready on {engine.backend.device}"
+            weights = getattr(engine.backend, "weights", None)
+            self.message = (f"{engine.backend.name} ready on {engine.backend.device}"
+                            + (f" ({weights} weights)" if weights else ""))
             self._end_load()
 
     async def run(self, ticket: Ticket, fn: Callable[..., Any], *args: Any, adapted_for: str | None = None,
@@ -383,6 +399,13 @@ class ModelWorker:
         self._closing = True
         for executor in (self._executor, self._fills):
             executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _apply_keystroke_cache(target: Any, enabled: bool) -> None:
+    """Turn an open model's keystroke cache on or off (`target`: an Engine or a backend); other models have none."""
+    setter = getattr(getattr(target, "backend", target), "set_keystroke_cache", None)
+    if setter is not None:
+        setter(enabled)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -1,8 +1,8 @@
-"""Fitting how far a model's drafts can be trusted: the regression finds the signal, `accept` meets its precision."""
+"""Fitting how far a model's drafts can be trusted: the regression finds the signal and rates in its order."""
 import random
 
 from denoiser.drafts import DraftCalibration
-from tools.draft_calibration import accept_for, fit, precision_above
+from tools.draft_calibration import fit, precision_above, shown_and_right
 
 
 def rows(n=300, seed=0):
@@ -26,8 +26,12 @@ def test_the_fit_weighs_the_feature_that_carries_the_signal_and_rates_in_its_ord
     assert calibration.probability(neutral | {"log_matched_chars": 3.8}) > 0.7
 
 
-def test_accept_is_the_lowest_rating_that_reaches_the_precision():
+def test_precision_and_shown_count_at_a_gate():
     rated = [(0.55, False), (0.6, True), (0.65, False), (0.7, True), (0.8, True), (0.9, True)]
-    assert accept_for(rated, 0.75) == 0.6 and precision_above(rated, 0.6) == 0.8
-    assert accept_for(rated, 0.5) == 0.55
-    assert accept_for([(0.6, False)], 0.7) == 0.95  # never reached: only near-certain drafts
+    assert precision_above(rated, 0.6) == 0.8 and precision_above(rated, 0.95) == 0.0
+    calibration = fit(rows())
+    data = rows(seed=1)
+    shown, right = shown_and_right(calibration, data, gate=0.5)
+    kept = [r for r in data if calibration.probability(r["features"]) >= 0.5]
+    assert (shown, right) == (len(kept), sum(r["right"] for r in kept))
+    assert 0 < shown < len(data) and right / shown > sum(r["right"] for r in data) / len(data)

@@ -110,3 +110,30 @@ def test_short_evidence_must_match_a_line_from_its_start():
     idx = index(other="x = total(items)\n")
     assert draft_at(idx, "tota|\n", "|", "line") is None  # "tota" only occurs mid-line
     assert draft_at(index(other="total(items)\n"), "tota|\n", "|", "line").text == "l(items)"
+
+
+def test_the_line_after_the_draft_is_evidence_and_breaks_ties():
+    # Two sources continue "value = compute(" alike before the cursor; only one is followed by the
+    # line the document has next.
+    first = "def a():\n    value = compute(1)\n    log(value)\n"
+    second = "def b():\n    value = compute(2)\n    return value\n"
+    idx = index(first=first, second=second)
+    found = draft_at(idx, "def c():\n    value = compute(|\n    return value\n", "|", "line")
+    assert (found.text, found.next_line, found.rivals) == ("2)", True, 1)
+    found = draft_at(idx, "def c():\n    value = compute(|\n    log(value)\n", "|", "line")
+    assert (found.text, found.next_line, found.rivals) == ("1)", True, 1)
+    found = draft_at(idx, "def c():\n    value = compute(|\n    print(value)\n", "|", "line")
+    assert found.next_line is False and found.rivals == 1
+    # One source only: no rivals.
+    found = draft_at(index(first=first), "def c():\n    value = compute(|\n", "|", "line")
+    assert (found.text, found.next_line, found.rivals) == ("1)", False, 0)
+
+
+def test_a_block_draft_cut_at_the_documents_next_line_says_so():
+    text = "    if x is None:\n        |\n        return self.g(x, strict=True)\n"
+    assert draft_at(index(other=OTHER), text, "|", "block").next_line is True
+    # Not cut, but the source's block is followed by the line the document has next.
+    text = "def h(x):\n  if x is None:\n    |\n  return self.g(x, strict=True)\n"
+    assert draft_at(index(other=OTHER), text, "|", "block").next_line is True
+    text = "def h(x):\n  if x is None:\n    |\n  return None\n"
+    assert draft_at(index(other=OTHER), text, "|", "block").next_line is False

@@ -14,6 +14,7 @@ def test_defaults_round_trip_through_the_wire_names():
         "model", "device", "contextTokens", "spanTokensLine", "spanTokensBlock", "steps",
         "confidenceThreshold", "minConfidence", "debounceMs", "latencyBudgetMs", "threads", "enabledLanguages",
         "maxSnippets", "repoDrafts", "verboseLogging", "engine", "engineTokenFile", "engineFallback",
+        "openModelKeystrokeCache", "openModelWeights",
     }
     parsed, problems = parse_settings(wire)
     assert (parsed, problems) == (Settings(), [])
@@ -42,6 +43,8 @@ def test_nested_and_flat_are_the_same():
     ("engine", "http://user:pw@127.0.0.1:8765"),
     ("engine", 8765),
     ("engineFallback", "sometimes"),
+    ("openModelWeights", "int4"),
+    ("openModelKeystrokeCache", "on"),
     ("model", 7),
 ])
 def test_a_bad_value_keeps_the_previous_one_and_says_why(key, value):

@@ -149,3 +149,33 @@ def test_index_pointing_at_foreign_shards_is_refused(tmp_path):
     shutil.copy(tmp_path / "a" / "model-00001-of-00002.safetensors", tmp_path / "a" / "model-00002-of-00002.safetensors")
     with pytest.raises(ModelLoadError, match="do not belong together"):
         load_open_model(tmp_path / "a", "cpu")
+
+
+def test_weight_format_of_the_setting(monkeypatch):
+    import denoiser.model
+    from denoiser.backend import ModelLoadError
+    from denoiser.loading import open_model_weight_format
+
+    monkeypatch.setattr(denoiser.model, "cpu_has_native_bf16", lambda: True)
+    assert open_model_weight_format("auto", "cpu") == ("bfloat16", False)
+    monkeypatch.setattr(denoiser.model, "cpu_has_native_bf16", lambda: False)
+    assert open_model_weight_format("auto", "cpu") == ("float32", False)
+    assert open_model_weight_format("int8", "cpu") == ("float32", True)
+    assert open_model_weight_format("bf16", "cuda:0") == ("bfloat16", False)
+    with pytest.raises(ModelLoadError, match="int8 weights run on the CPU only"):
+        open_model_weight_format("int8", "cuda:0")
+    with pytest.raises(ModelLoadError, match="expected one of auto, bf16, int8, fp32"):
+        open_model_weight_format("int4", "cpu")
+
+
+def test_load_backend_holds_open_model_weights_as_asked(tmp_path):
+    from denoiser.loading import load_backend
+    from denoiser.open_models.network import Int8Linear
+    from tools.tiny_open import make_tiny_checkpoint
+
+    make_tiny_checkpoint(tmp_path, "dream")
+    int8 = load_backend(tmp_path, "cpu", open_model_weights="int8")
+    fp32 = load_backend(tmp_path, "cpu", open_model_weights="fp32")
+    assert (int8.weights, fp32.weights) == ("int8", "fp32")
+    assert isinstance(int8.model.layers[0].q_proj, Int8Linear)
+    assert fp32.model.layers[0].q_proj.dtype == torch.float32

@@ -170,27 +170,30 @@ def test_a_calibrated_draft_is_kept_whole_and_its_confidence_is_the_rated_probab
     from fim.request import DraftEvidence
 
     model = ScriptedModel([9, 9, 9, 9, 9, 9], p=0.3)  # disagrees everywhere: the plain check rejects it
-    calibration = DraftCalibration({"log_matched_chars": 1.0, "mean_log_prob": 1.0}, bias=2.0, accept=0.5)
-    strong, weak = DraftEvidence(matched_chars=40), DraftEvidence(matched_chars=2)
+    calibration = DraftCalibration({"log_matched_chars": 1.0, "mean_log_prob": 1.0, "next_line": 2.0,
+                                    "log_rivals": -1.0}, bias=2.0)
     kv = kv_for()
-    assert check_draft(model, kv, 4, 6, [5, 6, 7], calibration=calibration, evidence=weak).outcome == "rejected"
-    check = check_draft(model, kv, 4, 6, [5, 6, 7], calibration=calibration, evidence=strong)
+    assert check_draft(model, kv, 4, 6, [5, 6, 7]).outcome == "rejected"
     # The model gave each draft token (1 - 0.3) / 79: the rating is the logistic of the fitted sum.
     mean_log_prob = math.log(0.7 / (VOCAB - 1))
-    rated = 1 / (1 + math.exp(-(2.0 + math.log1p(40) + mean_log_prob)))
-    assert check.outcome == "accepted" and math.isclose(check.mean_log_prob, mean_log_prob, rel_tol=1e-5)
-    result = SpanBatcher(model, device="cpu", dtype=torch.float32).denoise(
-        kv, 4, 6, DecodeSettings(confidence_threshold=0.5), start=check.start)
-    assert result.tokens == (5, 6, 7) and result.ended and result.steps == 1
-    assert math.isclose(math.exp(result.log_confidence / result.scored), rated, rel_tol=1e-5)
+    for evidence, features in [(DraftEvidence(matched_chars=40), math.log1p(40)),
+                               (DraftEvidence(matched_chars=2), math.log1p(2)),
+                               (DraftEvidence(matched_chars=2, next_line=1, rivals=3), math.log1p(2) + 2 - math.log1p(3))]:
+        check = check_draft(model, kv, 4, 6, [5, 6, 7], calibration=calibration, evidence=evidence)
+        rated = 1 / (1 + math.exp(-(2.0 + features + mean_log_prob)))
+        assert check.outcome == "accepted" and math.isclose(check.mean_log_prob, mean_log_prob, rel_tol=1e-5)
+        result = SpanBatcher(model, device="cpu", dtype=torch.float32).denoise(
+            kv, 4, 6, DecodeSettings(confidence_threshold=0.5), start=check.start)
+        assert result.tokens == (5, 6, 7) and result.ended and result.steps == 1
+        # Weak evidence: the same draft, rated low, which the default gate then hides.
+        assert math.isclose(math.exp(result.log_confidence / result.scored), rated, rel_tol=1e-5)
 
 
 def test_a_calibration_file_round_trips_and_unknown_features_are_refused(tmp_path):
     from denoiser.drafts import CALIBRATION_FILE, DraftCalibration
 
     assert DraftCalibration.load(tmp_path) is None  # no file: the plain check
-    fitted = DraftCalibration({"agreement": 0.5, "log_occurrences": 1.25}, bias=-3.0, accept=0.6,
-                              about={"examples": 10})
+    fitted = DraftCalibration({"agreement": 0.5, "log_occurrences": 1.25}, bias=-3.0, about={"examples": 10})
     fitted.save(tmp_path)
     assert DraftCalibration.load(tmp_path) == fitted
     (tmp_path / CALIBRATION_FILE).write_text('{"weights": {"vibes": 1.0}, "bias": 0}')

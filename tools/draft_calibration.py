@@ -6,8 +6,9 @@ every rest-of-line cut that gets a draft, the model checks the draft in one
 pass (`NativeBackend.draft_features`) and the draft is marked right when it is
 exactly the rest of the line. A logistic regression over those features gives
 `DraftCalibration`, written as drafts.json into the model directory, where the
-server reads it: drafts it rates at least `accept` are kept whole with that
-probability as their confidence. Evaluate on other packages than these.
+server reads it: every draft is kept whole with that probability as its
+confidence, so the suggestion gate (`minConfidence`) decides which are shown.
+Evaluate on other packages than these.
 """
 from __future__ import annotations
 
@@ -23,10 +24,8 @@ from lsp_server.suggest import build_request, context_options, with_draft
 from tools.draft_eval import package_examples
 from tools.evaluate import exact_match
 
-L2 = 0.1  # ridge on standardised weights: a few hundred examples, six features
-# Drafts kept whole should be right at least this often on code the fit never saw: `accept`
-# is the lowest rating where that held when each package was rated by a fit on the others.
-TARGET_PRECISION = 0.7
+L2 = 0.1  # ridge on standardised weights: a few hundred examples, eight features
+GATE = Settings().min_confidence  # the default suggestion gate the fit is reported at
 
 
 def collect(backend, engine, folders: list[Path], files: int, per_file: int, seed: int, log) -> list[dict]:
@@ -52,7 +51,7 @@ def collect(backend, engine, folders: list[Path], files: int, per_file: int, see
     return rows
 
 
-def fit(rows: list[dict], accept: float = 0.5) -> DraftCalibration:
+def fit(rows: list[dict]) -> DraftCalibration:
     """Logistic regression of `right` on the features (standardised, ridge), in the features' own units."""
     import torch
 
@@ -74,7 +73,7 @@ def fit(rows: list[dict], accept: float = 0.5) -> DraftCalibration:
     optimizer.step(loss)
     weights = (w.detach() / std).tolist()
     bias = float(b.detach() - (w.detach() / std * mean).sum())
-    return DraftCalibration({n: round(v, 5) for n, v in zip(names, weights)}, round(bias, 5), accept)
+    return DraftCalibration({n: round(v, 5) for n, v in zip(names, weights)}, round(bias, 5))
 
 
 def precision_above(rated: list[tuple[float, bool]], threshold: float) -> float:
@@ -82,16 +81,8 @@ def precision_above(rated: list[tuple[float, bool]], threshold: float) -> float:
     return sum(kept) / len(kept) if kept else 0.0
 
 
-def accept_for(rated: list[tuple[float, bool]], target: float, floor: float = 0.5) -> float:
-    """The lowest rating (at least `floor`) above which the rated drafts were right `target` of the time."""
-    for threshold in sorted({round(p, 2) for p, _ in rated if p >= floor}):
-        if precision_above(rated, threshold) >= target:
-            return threshold
-    return 0.95  # never reached: keep only the drafts it is all but sure of
-
-
-def shown_and_right(calibration: DraftCalibration, rows: list[dict]) -> tuple[int, int]:
-    kept = [r for r in rows if calibration.probability(r["features"]) >= calibration.accept]
+def shown_and_right(calibration: DraftCalibration, rows: list[dict], gate: float = GATE) -> tuple[int, int]:
+    kept = [r for r in rows if calibration.probability(r["features"]) >= gate]
     return len(kept), sum(r["right"] for r in kept)
 
 
@@ -120,19 +111,23 @@ def main(args, log) -> int:
         if held and sum(r["right"] for r in rest) >= 3:
             others = fit(rest)
             unseen += [(others.probability(r["features"]), r["right"]) for r in held]
-    accept = accept_for(unseen, TARGET_PRECISION)
-    log(f"  rated by fits on the other packages: drafts rated >= {accept:.2f} were right "
-        f"{precision_above(unseen, accept):.0%} of the time ({sum(p >= accept for p, _ in unseen)} of {len(unseen)})")
-    calibration = fit(rows, accept)
+    shown_unseen = sum(p >= GATE for p, _ in unseen)
+    log(f"  rated by fits on the other packages: {shown_unseen} of {len(unseen)} drafts rated >= {GATE:g} "
+        f"(the default gate), right {precision_above(unseen, GATE):.0%} of the time; "
+        f"{sum(right for _, right in unseen)} right in all")
+    calibration = fit(rows)
     kept, good = shown_and_right(calibration, rows)
-    calibration = DraftCalibration(calibration.weights, calibration.bias, calibration.accept, about={
-        "packages": [f.name for f in folders], "drafts": len(rows), "right": right, "kept": kept,
-        "kept_right": good, "seed": args.seed, "fitted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    calibration = DraftCalibration(calibration.weights, calibration.bias, about={
+        "packages": [f.name for f in folders], "drafts": len(rows), "right": right,
+        "rated_at_least_gate": kept, "rated_at_least_gate_right": good, "gate": GATE,
+        "unseen_rated_at_least_gate": shown_unseen,
+        "unseen_precision_at_gate": round(precision_above(unseen, GATE), 4),
+        "seed": args.seed, "fitted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "parafill eval " + " ".join(args.argv),
     })
     out = Path(args.out) if args.out else Path(backend.model_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = calibration.save(out)
-    log(f"{len(rows)} drafts ({right} right); kept {kept} at {calibration.accept:g}, {good} right; "
+    log(f"{len(rows)} drafts ({right} right); {kept} rated >= {GATE:g}, {good} of them right; "
         f"wrote {path} in {time.perf_counter() - started:.0f} s")
     return 0

@@ -38,6 +38,19 @@ memory figures are the model's own:
 - the greedy fills, compared token by token with fp32's (bf16's where fp32 is
   not run): how far int8 and bf16 keep the outputs.
 
+Typing (`--cpu-costs --typing`): a real file (textwrap.py by default) with a
+line from its middle cut out and typed back a few characters per request, the
+windows built as the server builds them (`fim.build_request`, 1k tokens), each
+request filling a span of fixed work (SPANxSTEPS schedules, 32x8 and 16x4), in
+four configurations over one loaded model, interleaved request by request so a
+change in the machine's load hits all alike: the keystroke cache off (refresh
+every 4 steps, today's default; or one full pass per request) and on (the
+suffix's keys shifted to their new positions, or the suffix re-encoded).
+Reports the cold request, the warm keystroke p50/p99 and their ratio to the
+default, with the load average; then, on tiny random checkpoints of each
+family, how far each configuration's fills agree with exact recomputation
+and how far the keystroke cache's first pass agrees with the exact first pass.
+
 Not used by the server.
 """
 from __future__ import annotations
@@ -46,6 +59,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -54,12 +68,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from denoiser.catalogue import CATALOGUE, DREAM, LLADA, OPEN_DCODER, CatalogueEntry, ModelShape, parse_model_name
 from denoiser.open_models.families import TransformerShape
+from denoiser.open_models.keystroke_cache import KeystrokeCachePolicy
 from denoiser.open_models.network import BidirectionalTransformer, KVStore, LayerWeights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,10 +204,12 @@ KV_REUSE = {
                  "(Open-dLLM), so bidirectional as Dream; running it causally would be another model",
 }
 KV_REUSE_APPROXIMATE = (
-    "Within one request parafill already reuses approximate context keys/values (Fast-dLLM's dual cache: a full "
-    "pass every refresh_every steps, span-only passes between). Carrying them across keystrokes would at best "
-    "turn the request's first full pass into a span-only one, with staleness that grows with every edit and no "
-    "bound short of a refresh; the measured saving is `full_pass_s - window_pass_s` per request. Not implemented.")
+    "Within one request parafill reuses approximate context keys/values (Fast-dLLM's dual cache: a full pass "
+    "every refresh_every steps, span-only passes between). With the keystroke cache on (openModelKeystrokeCache) "
+    "they are also carried to the document's next request: the unchanged token prefix is reused in place and the "
+    "suffix's keys are moved to their new positions, so a request costs span-only passes instead of starting "
+    "with a full one, up to a full refresh after 8 such requests or when less than half the context is reused; "
+    "`--typing` measures it. The saving per request is about `full_pass_s - window_pass_s`.")
 
 
 @dataclass
@@ -441,18 +458,74 @@ def pass_seconds(model: BidirectionalTransformer, prompt: tuple[list[int], list[
     return min(timings["full"]), min(timings["window"])
 
 
+def shape_checkpoints(entries: list[CatalogueEntry], report: dict, *, use_cache: bool, workdir: Path, keep: bool,
+                      say: Callable[[str], None]) -> Iterator[tuple[str, dict, Path]]:
+    """(shape key, report row, checkpoint directory) for each distinct shape among `entries`.
+
+    Each row lands in `report["shapes"]` (with `skipped` when no checkpoint could be had);
+    a random checkpoint written for a shape is removed once its row is done, unless `keep`."""
+    groups: dict[str, list[CatalogueEntry]] = {}
+    for entry in entries:
+        groups.setdefault(shape_key(entry.shape, entry.family), []).append(entry)
+    for key, group in groups.items():
+        row = {"shape": key, "family": group[0].family, "models": [e.name for e in group],
+               "parameters": shape_parameters(group[0].shape), "results": []}
+        report["shapes"].append(row)
+        model_dir, written = checkpoint_to_measure(group, key, row, use_cache, workdir, say)
+        if model_dir is None:
+            continue
+        try:
+            yield key, row, model_dir
+        finally:
+            if written and not keep:
+                shutil.rmtree(model_dir, ignore_errors=True)
+
+
+def checkpoint_to_measure(group: list[CatalogueEntry], key: str, row: dict, use_cache: bool, workdir: Path,
+                          say: Callable[[str], None]) -> tuple[Path | None, bool]:
+    """(directory, written) of the weights to measure a shape with: the real ones when a model of
+    `group` is in the Hugging Face cache (and `use_cache`), else a random checkpoint of the real
+    shape written to `workdir` (written=True: remove it afterwards). None, with `row["skipped"]`
+    saying why, when the disk cannot hold it. Notes the weights and write time in `row`."""
+    first = group[0]
+    found = cached_weights(group) if use_cache else None
+    if found is not None:
+        row["weights"] = f"real ({found[0].name}, from the Hugging Face cache)"
+        return found[1], False
+    row["weights"] = "random, real shape"
+    model_dir = workdir / key
+    need = shape_parameters(first.shape) * 2
+    free = shutil.disk_usage(workdir).free
+    if free < need * 1.1:
+        row["skipped"] = f"needs {need / 1e9:.1f} GB of disk in {workdir} for the random checkpoint, " \
+                         f"{free / 1e9:.1f} GB free"
+        say(f"{key}: skipped, {row['skipped']}")
+        return None, False
+    say(f"{key}: writing a random {first.family} checkpoint ({need / 1e9:.1f} GB) to {model_dir}")
+    start = time.perf_counter()
+    write_random_checkpoint(first.family, first.shape, model_dir, progress=say)
+    row["write_s"] = time.perf_counter() - start
+    return model_dir, True
+
+
 def measure_in_child(model_dir: Path, precision: str, plan: CostPlan, evict: bool = True) -> dict:
     """Run `measure` in a fresh interpreter, so memory and load time are this model's alone."""
-    job = json.dumps({"model_dir": str(model_dir), "precision": precision, "plan": asdict(plan), "evict": evict})
-    env = {**os.environ, "OMP_NUM_THREADS": str(plan.threads), "MKL_NUM_THREADS": str(plan.threads)}
-    run = subprocess.run([sys.executable, "-m", "tools.open_model_bench", "--measure-one", job], cwd=REPO, env=env,
+    job = {"model_dir": str(model_dir), "precision": precision, "plan": asdict(plan), "evict": evict}
+    return _run_child("--measure-one", job, plan.threads)
+
+
+def _run_child(flag: str, job: dict, threads: int) -> dict:
+    """`python -m tools.open_model_bench FLAG JOB` with `threads` torch threads; its last line of JSON,
+    or a `skipped` entry saying why it failed."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    run = subprocess.run([sys.executable, "-m", "tools.open_model_bench", flag, json.dumps(job)], cwd=REPO, env=env,
                          capture_output=True, text=True, check=False)
     lines = run.stdout.strip().splitlines()
     if run.returncode != 0 or not lines:
         tail = (run.stderr or run.stdout).strip().splitlines()[-3:]
         killed = " (killed: out of memory?)" if run.returncode in (-9, 137) else ""
-        return {"precision": precision, "skipped": f"measurement failed, exit {run.returncode}{killed}: "
-                                                   + " | ".join(tail)}
+        return {"precision": job["precision"], "skipped": f"measurement failed, exit {run.returncode}{killed}: "
+                                                          + " | ".join(tail)}
     return json.loads(lines[-1])
 
 
@@ -492,53 +565,28 @@ def cached_weights(entries: list[CatalogueEntry]) -> tuple[CatalogueEntry, Path]
 def run_cpu_costs(entries: list[CatalogueEntry], precisions: list[str], plan: CostPlan, workdir: Path, *,
                   use_cache: bool = True, keep: bool = False, say: Callable[[str], None] = print) -> dict:
     """Measure every distinct shape among `entries` in every format of `precisions`; the report as a dict."""
-    groups: dict[str, list[CatalogueEntry]] = {}
-    for entry in entries:
-        groups.setdefault(shape_key(entry.shape, entry.family), []).append(entry)
-    report = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": plan.threads,
-                          "torch": torch.__version__, "quantized_engine": torch.backends.quantized.engine,
-                          "memory_gib": _meminfo("MemTotal"), "available_gib_at_start": _meminfo("MemAvailable"),
-                          "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+    report = {"machine": {**_machine(plan.threads), "quantized_engine": torch.backends.quantized.engine,
+                          "available_gib_at_start": _meminfo("MemAvailable")},
               "plan": asdict(plan), "kv_reuse": KV_REUSE, "kv_reuse_approximate": KV_REUSE_APPROXIMATE, "shapes": []}
-    for key, group in groups.items():
-        first = group[0]
-        found = cached_weights(group) if use_cache else None
-        row = {"shape": key, "family": first.family, "models": [e.name for e in group],
-               "parameters": shape_parameters(first.shape), "results": []}
-        if found is not None:
-            row["weights"] = f"real ({found[0].name}, from the Hugging Face cache)"
-            model_dir, written = found[1], False
-        else:
-            row["weights"] = "random, real shape"
-            model_dir, written = workdir / key, True
-            need = shape_parameters(first.shape) * 2
-            free = shutil.disk_usage(workdir).free
-            if free < need * 1.1:
-                row["skipped"] = f"needs {need / 1e9:.1f} GB of disk in {workdir} for the random checkpoint, " \
-                                 f"{free / 1e9:.1f} GB free"
-                report["shapes"].append(row)
-                say(f"{key}: skipped, {row['skipped']}")
-                continue
-            say(f"{key}: writing a random {first.family} checkpoint ({need / 1e9:.1f} GB) to {model_dir}")
-            start = time.perf_counter()
-            write_random_checkpoint(first.family, first.shape, model_dir, progress=say)
-            row["write_s"] = time.perf_counter() - start
-        try:
-            for precision in precisions:
-                say(f"{key}: measuring {precision} ({plan.warmup}+{plan.requests} requests, {plan.threads} threads)")
-                result = measure_in_child(model_dir, precision, plan)
-                row["results"].append(result)
-                say(f"  {summary_line(result)}")
-        finally:
-            if written and not keep:
-                shutil.rmtree(model_dir, ignore_errors=True)
+    for key, row, model_dir in shape_checkpoints(entries, report, use_cache=use_cache, workdir=workdir, keep=keep,
+                                                 say=say):
+        for precision in precisions:
+            say(f"{key}: measuring {precision} ({plan.warmup}+{plan.requests} requests, {plan.threads} threads)")
+            result = measure_in_child(model_dir, precision, plan)
+            row["results"].append(result)
+            say(f"  {summary_line(result)}")
         measured = {r["precision"]: r for r in row["results"] if "skipped" not in r}
         reference = measured.get("fp32") or measured.get("bf16")
         for result in measured.values():
             if reference is not None and result is not reference:
                 result["agreement"] = agreement(result, reference)
-        report["shapes"].append(row)
     return report
+
+
+def _machine(threads: int) -> dict:
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+            "memory_gib": _meminfo("MemTotal"),
+            "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
 def _meminfo(key: str) -> float | None:
@@ -581,13 +629,381 @@ def print_cpu_report(report: dict) -> None:
         print(f"  context K/V across keystrokes: {KV_REUSE[row['family']]}")
 
 
+# --- typing: keystroke latency with and without the keystroke cache ---------------------------
+
+@dataclass
+class TypingPlan:
+    """The knobs of one typing measurement (`--cpu-costs --typing`)."""
+
+    file: str = ""  # the file typed (default: the standard library's textwrap.py)
+    context: int = 1024  # preamble + prefix + suffix tokens, as the server's contextTokens
+    requests: int = 40  # keystroke requests (each `chars` characters after the last)
+    chars: int = 3
+    schedules: tuple[str, ...] = ("32x8", "16x4")  # span tokens x denoising steps
+    off_every: int = 4  # the cache-off configurations run on every this many keystrokes
+    cold_requests: int = 3
+    refresh_after: int = KeystrokeCachePolicy.refresh_after
+    min_reuse: float = KeystrokeCachePolicy.min_reuse
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+
+# name -> (keystroke cache suffix mode or None, refresh_every)
+TYPING_CONFIGS = {
+    "off, refresh every 4": (None, 4),  # today's default: the dual cache, nothing kept between requests
+    "off, one full pass": (None, 0),  # the cheaper cold schedule alone
+    "on, suffix shifted": ("shift", 0),  # the keystroke cache, the suffix's keys moved to their new positions
+    "on, suffix re-encoded": ("reencode", 0),  # the keystroke cache, the suffix computed afresh
+}
+
+
+def default_typing_file() -> Path:
+    import textwrap
+
+    return Path(textwrap.__file__)
+
+
+def typed_requests(text: str, plan: TypingPlan, count_tokens: Callable[[str], int]) -> list:
+    """One `FimRequest` per keystroke: a line from the middle of `text` cut out and typed back,
+    `plan.chars` characters a request.
+
+    The first request's windows are the server's (`fim.build_request`: whole lines, a quarter of
+    `plan.context` tokens for the suffix) cut at the line that makes its context `plan.context`
+    tokens; later requests keep that window start, as the server does until the prefix outgrows its
+    budget (it then moves the start 16 lines at once, and the keystroke cache starts over)."""
+    from dataclasses import replace as dc_replace
+
+    from fim.context import ContextOptions, build_request
+    from tools.typing_bench import typing_plan
+
+    start, pieces = typing_plan(text, 0.5, plan.requests, plan.chars)
+    rest = text[start + len("".join(pieces)):]
+    cursors = [start + sum(len(p) for p in pieces[:i + 1]) for i in range(len(pieces))]
+    if not cursors:
+        return []
+
+    def at(cursor: int):
+        before = text[:cursor]
+        return build_request(before + rest, before.count("\n"), len(before) - before.rfind("\n") - 1,
+                             path="textwrap.py", language_id="python",
+                             options=ContextOptions(context_tokens=plan.context, line_step=1),
+                             count_tokens=count_tokens)
+
+    first = at(cursors[0])
+    window_start = cursors[0] - len(first.prefix)
+    return [dc_replace(at(cursor), prefix=text[window_start:cursor], suffix=first.suffix) for cursor in cursors]
+
+
+def _typing_backends(base, schedule: str, plan: TypingPlan) -> dict:
+    """One backend per configuration over the same loaded model, each doing fixed work: no end
+    tokens and a threshold nothing reaches, so every request takes exactly `steps` passes."""
+    from denoiser.open_models.infill_backend import OpenModelBackend
+    from denoiser.open_models.span_decoder import SpanDecoder
+
+    span = int(schedule.split("x")[0])
+    special = base.tokenizer.special
+    out = {}
+    for name, (suffix, refresh_every) in TYPING_CONFIGS.items():
+        policy = KeystrokeCachePolicy(refresh_after=plan.refresh_after, min_reuse=plan.min_reuse,
+                                      suffix=suffix) if suffix else None
+        backend = OpenModelBackend(base.model, base.tokenizer, base.spec, name=base.name, refresh_every=refresh_every,
+                                   initial_span=span, max_context_tokens=base.max_context_tokens,
+                                   keystroke_cache=policy)
+        backend.decoder = SpanDecoder(base.model, mask_id=special.mask, stop_ids=frozenset(),
+                                      shift_logits=base.spec.shift_logits,
+                                      never_emit=frozenset(t for t in (special.bos,) if t is not None),
+                                      end_id=special.eos or 0)
+        out[name] = backend
+    return out
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"n": 0}
+    ordered = sorted(values)
+    return {"n": len(ordered), "p50": statistics.median(ordered),
+            "p99": ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))],
+            "mean": statistics.fmean(ordered)}
+
+
+def measure_typing(model_dir: Path, precision: str, plan: TypingPlan) -> dict:
+    """Type `plan.file` through every configuration and schedule; runs in the child process."""
+    from dataclasses import replace as dc_replace
+
+    from denoiser.backend import DecodeSettings, ModelLoadError
+    from denoiser.open_models import load_open_model
+    from fim.request import SpanPlan
+
+    torch.set_num_threads(plan.threads)
+    try:
+        base = load_open_model(model_dir, "cpu", dtype={"bf16": torch.bfloat16, "fp32": torch.float32}.get(precision),
+                               int8=precision == "int8")
+    except ModelLoadError as exc:
+        return {"precision": precision, "skipped": str(exc)}
+    tokenizer = base.tokenizer
+    text = Path(plan.file or default_typing_file()).read_text(encoding="utf-8")
+    requests = typed_requests(text, plan, lambda s: len(tokenizer.encode(s)))
+    load_samples = [os.getloadavg()[0]]
+    out = {"precision": precision, "weight_gib": base.model.weight_bytes() / 1024 ** 3, "schedules": {},
+           "load_average_at_start": load_samples[0], "threads": torch.get_num_threads()}
+
+    def timed(backend, request, document: str, decode: DecodeSettings) -> dict:
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = backend.fill(request, decode, document=document, is_cancelled=lambda: False)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        return {"s": wall, "cpu_s": cpu, "reused": result.reused_context_tokens, "context": result.context_tokens,
+                "steps": result.steps}
+
+    for schedule in plan.schedules:
+        span, steps = (int(x) for x in schedule.split("x"))
+        decode = DecodeSettings(steps=steps, confidence_threshold=1.0)
+        backends = _typing_backends(base, schedule, plan)
+        fixed = [dc_replace(r, span=SpanPlan(r.span.mode, span)) for r in requests]
+        timed(backends["off, one full pass"], fixed[0], "warm-up", decode)  # first touch of weights, allocations
+        cold = {name: [timed(backends[name], fixed[i], f"cold-{i}", decode)
+                       for i in range(min(plan.cold_requests, len(fixed)))]
+                for name in ("off, refresh every 4", "off, one full pass")}
+        rows = {name: [] for name in TYPING_CONFIGS}
+        for i, request in enumerate(fixed):
+            for name, backend in backends.items():
+                if TYPING_CONFIGS[name][0] is None and i % plan.off_every:
+                    continue
+                rows[name].append({"request": i, **timed(backend, request, "typing", decode)})
+            load_samples.append(os.getloadavg()[0])
+        summary = {}
+        for name, series in rows.items():
+            on = TYPING_CONFIGS[name][0] is not None
+            warm = [r["s"] for r in series if r["reused"] > 0] if on else [r["s"] for r in series]
+            summary[name] = {
+                "keystroke_s": _percentiles(warm),  # with the cache on: requests that reused keys/values
+                "all_s": _percentiles([r["s"] for r in series]),  # with the refreshes
+                "keystroke_cpu_s": _percentiles([r["cpu_s"] for r in series if r["reused"] > 0 or not on]),
+                "refreshes": sum(r["reused"] == 0 for r in series) if on else None,
+                "reused_share": (sum(r["reused"] for r in series) / max(1, sum(r["context"] for r in series))),
+                "per_request": series,
+            }
+        base_p50 = summary["off, refresh every 4"]["keystroke_s"].get("p50")
+        for name, row in summary.items():
+            p50 = row["keystroke_s"].get("p50")
+            row["p50_ratio_to_default"] = p50 / base_p50 if p50 and base_p50 else None
+        out["schedules"][schedule] = {
+            "span": span, "steps": steps,
+            "cold_s": {name: _percentiles([r["s"] for r in series]) for name, series in cold.items()},
+            "cold_cpu_s": {name: _percentiles([r["cpu_s"] for r in series]) for name, series in cold.items()},
+            "configs": summary,
+        }
+    out["context_tokens"] = statistics.median(r["context"] for r in
+                                              next(iter(out["schedules"].values()))["configs"]["off, one full pass"]["per_request"])
+    out["load_average"] = {"min": min(load_samples), "mean": statistics.fmean(load_samples), "max": max(load_samples)}
+    return out
+
+
+def measure_typing_in_child(model_dir: Path, precision: str, plan: TypingPlan) -> dict:
+    return _run_child("--measure-typing", {"model_dir": str(model_dir), "precision": precision, "plan": asdict(plan)},
+                      plan.threads)
+
+
+def keystroke_agreement(plan: TypingPlan, families: tuple[str, ...] = (DREAM, LLADA, OPEN_DCODER),
+                        steps: int = 8, span: int = 32) -> dict:
+    """On tiny random checkpoints of each family (tools/tiny_open.py): how far each schedule's fills, with
+    the real stop rules and threshold (0.9), agree with exact recomputation (every step a full pass), and
+    how far the keystroke cache's first pass agrees with the exact first pass (top-1 over the span)."""
+    from dataclasses import replace as dc_replace
+
+    from denoiser.backend import DecodeSettings
+    from denoiser.open_models import load_open_model
+    from fim.request import SpanPlan
+    from tools.tiny_open import make_tiny_checkpoint
+
+    text = Path(plan.file or default_typing_file()).read_text(encoding="utf-8")
+    decode = DecodeSettings(steps=steps, confidence_threshold=0.9)
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="parafill-tiny-") as tmp:
+        for family in families:
+            model_dir = Path(tmp) / family
+            make_tiny_checkpoint(model_dir, family, seed=7)
+            configs: dict[str, dict] = {"exact (every step a full pass)": {"cache_mode": "none"},
+                                        "off, refresh every 4": {"refresh_every": 4},
+                                        "off, one full pass": {"refresh_every": 0}}
+            for name, (suffix, _) in TYPING_CONFIGS.items():
+                if suffix:
+                    configs[name] = {"keystroke_cache": KeystrokeCachePolicy(
+                        refresh_after=plan.refresh_after, min_reuse=plan.min_reuse, suffix=suffix)}
+            probe = load_open_model(model_dir, "cpu")
+            encode = probe.tokenizer.encode
+            requests = [dc_replace(r, span=SpanPlan(r.span.mode, span))
+                        for r in typed_requests(text, plan, lambda s, encode=encode: len(encode(s)))]
+            fills = {}
+            for name, kwargs in configs.items():
+                backend = load_open_model(model_dir, "cpu", initial_span=span, **kwargs)
+                fills[name] = [backend.tokenizer.encode(backend.fill(r, decode, document="d",
+                                                                     is_cancelled=lambda: False).text)
+                               for r in requests]
+            row = {}
+            for name, mine in fills.items():
+                row[name] = {"vs_exact": _fill_agreement(mine, fills["exact (every step a full pass)"]),
+                             "vs_one_full_pass": _fill_agreement(mine, fills["off, one full pass"])}
+            row["first_pass_top1"] = {suffix: _first_pass_agreement(probe, requests, span, plan, suffix)
+                                      for suffix in ("shift", "reencode")}
+            out[family] = row
+    return out
+
+
+def _fill_agreement(a: list[list[int]], b: list[list[int]]) -> dict:
+    same = total = identical = 0
+    for x, y in zip(a, b):
+        total += max(len(x), len(y))
+        same += sum(p == q for p, q in zip(x, y))
+        identical += x == y
+    return {"tokens_equal": same / total if total else 1.0, "fills_identical": identical / len(a) if a else None}
+
+
+def _first_pass_agreement(backend, requests: list, span: int, plan: TypingPlan, suffix: str) -> dict:
+    """Follow the keystroke cache's snapshots through the typed requests; at each reuse compare the first
+    pass's span predictions with the exact full pass's: top-1 equal, and the largest logit error relative
+    to the exact logits' range."""
+    from denoiser.open_models.keystroke_cache import ContextSnapshot, plan_reuse
+
+    model, mask, shift = backend.model, backend.tokenizer.special.mask, int(backend.spec.shift_logits)
+    snapshot, equal, total, worst, reuses = None, 0, 0, 0.0, 0
+    for request in requests:
+        head, tail = backend.layout(request, span)
+        seq = torch.tensor(head + [mask] * span + tail)
+        rows = (torch.arange(len(head), len(head) + span) - shift).clamp(min=0)
+        exact_kv = KVStore()
+        exact = model.full(seq, rows=rows, kv=exact_kv)
+        reuse = None
+        if snapshot is not None and snapshot.reuses < plan.refresh_after:
+            reuse = plan_reuse(model, snapshot, head, tail, span, shift=shift, suffix=suffix, min_reuse=plan.min_reuse)
+        if reuse is None:
+            snapshot = ContextSnapshot(head=head, tail=tail, span=span, kv=exact_kv)
+            continue
+        approx = model.recompute(seq[reuse.fresh], reuse.fresh, reuse.kv, rows=torch.searchsorted(reuse.fresh, rows))
+        equal += int((approx.argmax(-1) == exact.argmax(-1)).sum())
+        total += span
+        worst = max(worst, ((approx - exact).abs().max() / (exact.max() - exact.min())).item())
+        reuses += 1
+        snapshot = ContextSnapshot(head=head, tail=tail, span=span, kv=reuse.kv, reuses=reuse.reuses)
+    return {"top1_equal": equal / total if total else None, "max_logit_error_of_range": worst, "reusing_requests": reuses}
+
+
+def run_typing(entries: list[CatalogueEntry], precisions: list[str], plan: TypingPlan, workdir: Path, *,
+               use_cache: bool = True, keep: bool = False, say: Callable[[str], None] = print) -> dict:
+    """The typing measurement for every distinct shape among `entries` (random weights where the real ones
+    are not cached), each weight format in a fresh process, and the agreement measurement on tiny models."""
+    report = {"machine": _machine(plan.threads),
+              "plan": asdict(plan), "configs": {name: {"keystroke_cache": suffix, "refresh_every": refresh}
+                                                for name, (suffix, refresh) in TYPING_CONFIGS.items()},
+              "shapes": []}
+    for key, row, model_dir in shape_checkpoints(entries, report, use_cache=use_cache, workdir=workdir, keep=keep,
+                                                 say=say):
+        for precision in precisions:
+            say(f"{key}: typing {plan.requests} requests in {precision} ({', '.join(plan.schedules)})")
+            result = measure_typing_in_child(model_dir, precision, plan)
+            row["results"].append(result)
+            for line in typing_summary(result):
+                say(line)
+    say("agreement on tiny random checkpoints of each family")
+    report["agreement_tiny"] = keystroke_agreement(plan)
+    report["machine"]["load_average_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return report
+
+
+def typing_summary(result: dict) -> list[str]:
+    if "skipped" in result:
+        return [f"  {result['precision']}: skipped: {result['skipped']}"]
+    lines = []
+    for schedule, s in result["schedules"].items():
+        cold = s["cold_s"]
+        lines.append(f"  {result['precision']} {schedule} (span {s['span']}, {s['steps']} steps): cold "
+                     + ", ".join(f"{n} {c.get('p50', float('nan')):.2f} s" for n, c in cold.items()))
+        for name, row in s["configs"].items():
+            k = row["keystroke_s"]
+            ratio = row["p50_ratio_to_default"]
+            refreshes = "" if row["refreshes"] is None else f", refreshes {row['refreshes']}"
+            times = f"x{ratio:.2f} of the default" if ratio else ""
+            lines.append(f"    {name:<24} keystroke p50 {k.get('p50', float('nan')):6.3f} s  "
+                         f"p99 {k.get('p99', float('nan')):6.3f} s  (n={k['n']}{refreshes})  "
+                         f"reused {row['reused_share']:.0%}  {times}")
+    return lines
+
+
+def plot_typing(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [r for row in report["shapes"] for r in row["results"] if "skipped" not in r]
+    schedules = list(report["plan"]["schedules"])
+    if not results:
+        return
+    fig, axes = plt.subplots(len(results), len(schedules), figsize=(6 * len(schedules), 3.6 * len(results)),
+                             squeeze=False, sharey=True)
+    for i, result in enumerate(results):
+        for j, schedule in enumerate(schedules):
+            ax, s = axes[i][j], result["schedules"][schedule]
+            for k, (name, row) in enumerate(s["configs"].items()):
+                series = row["per_request"]
+                ax.plot([r["request"] for r in series], [r["s"] for r in series], ".-" if len(series) > 1 else ".",
+                        color=f"C{k}", markersize=4, linewidth=0.7,
+                        label=f"{name}: p50 {row['keystroke_s'].get('p50', float('nan')):.2f} s")
+                refreshes = [r for r in series if TYPING_CONFIGS[name][0] and r["reused"] == 0]
+                ax.scatter([r["request"] for r in refreshes], [r["s"] for r in refreshes], marker="x", color=f"C{k}",
+                           s=24)
+            ax.axhline(0.4, color="gray", linestyle=":", linewidth=1)
+            ax.set_yscale("log")
+            ax.set_title(f"{result['precision']}, span {s['span']}, {s['steps']} steps "
+                         f"(load {result['load_average']['mean']:.1f})", fontsize=9)
+            ax.set_xlabel("keystroke request (x: full refresh)")
+            if j == 0:
+                ax.set_ylabel("seconds per request")
+            ax.legend(fontsize=7, loc="upper right")
+    held = statistics.median(r.get("context_tokens", report["plan"]["context"]) for r in results)
+    fig.suptitle(f"{report['shapes'][0]['models'][0]} shape, {report['plan']['context']}-token context "
+                 f"(median {held:.0f} while typing), "
+                 f"{report['plan']['chars']} chars per request, {report['machine']['threads']} threads "
+                 f"({report['machine']['cpu']}); dotted: 400 ms", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # --- entry point -----------------------------------------------------------------------------
+
+def typing_main(args, names: list[str], parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    schedules = tuple(args.typing_schedules.split(","))
+    if not all(len(x.split("x")) == 2 and all(p.isdigit() and int(p) > 0 for p in x.split("x")) for x in schedules):
+        parser.error(f"--typing-schedules takes SPANxSTEPS items such as 32x8, got {args.typing_schedules!r}")
+    plan = TypingPlan(file=args.typing_file, context=args.context, requests=args.typing_requests,
+                      chars=args.typing_chars, schedules=schedules, off_every=max(1, args.typing_off_every),
+                      threads=args.threads)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="parafill-open-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    report = run_typing([e for e in CATALOGUE if e.name in names], args.precisions.split(","), plan, workdir,
+                        use_cache=not args.random, keep=args.keep,
+                        say=lambda line: print(line, file=sys.stderr, flush=True))
+    report["command"] = "python -m tools.open_model_bench " + shlex.join(argv)
+    report["wall_s"] = time.perf_counter() - started
+    for row in report["shapes"]:
+        for result in row["results"]:
+            print("\n".join(typing_summary(result)))
+    if args.json:
+        out = Path(args.json)
+        out.write_text(json.dumps(report, indent=1))
+        plot_typing(report, out.with_suffix(".png"))
+    return 0
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--measure-one"]:
         job = json.loads(argv[1])
         print(json.dumps(measure(Path(job["model_dir"]), job["precision"], CostPlan(**job["plan"]), job["evict"])))
+        return 0
+    if argv[:1] == ["--measure-typing"]:
+        job = json.loads(argv[1])
+        plan = TypingPlan(**{**job["plan"], "schedules": tuple(job["plan"]["schedules"])})
+        print(json.dumps(measure_typing(Path(job["model_dir"]), job["precision"], plan)))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-costs", action="store_true",
@@ -608,6 +1024,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--random", action="store_true", help="CPU mode: random weights even when the real ones are cached")
     parser.add_argument("--workdir", default=None, help="CPU mode: where random checkpoints are written (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="CPU mode: keep the random checkpoints")
+    parser.add_argument("--typing", action="store_true",
+                        help="CPU mode: instead of single completions, type a file a few characters per request "
+                             "with the keystroke cache on and off (writes a PNG beside --json)")
+    parser.add_argument("--typing-file", default="", help="CPU mode, --typing: the file typed (default: textwrap.py)")
+    parser.add_argument("--typing-requests", type=int, default=40, help="CPU mode, --typing: keystroke requests")
+    parser.add_argument("--typing-chars", type=int, default=3, help="CPU mode, --typing: characters per request")
+    parser.add_argument("--typing-schedules", default="32x8,16x4",
+                        help="CPU mode, --typing: comma list of SPANxSTEPS (span tokens x denoising steps)")
+    parser.add_argument("--typing-off-every", type=int, default=4,
+                        help="CPU mode, --typing: run the cache-off configurations on every Nth keystroke")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.cpu_costs:
@@ -616,6 +1042,8 @@ def main(argv: list[str] | None = None) -> int:
         bad = sorted(set(args.precisions.split(",")) - set(PRECISIONS))
         if unknown or bad:
             parser.error(f"unknown model(s) {unknown} or format(s) {bad}; see `parafill model list`")
+        if args.typing:
+            return typing_main(args, names, parser, argv)
         plan = CostPlan(context=args.context, span=args.span or 32, steps=args.steps, refresh_every=args.refresh_every,
                         requests=args.requests, warmup=args.warmup, threads=args.threads)
         workdir = Path(args.workdir or tempfile.mkdtemp(prefix="parafill-open-bench-"))

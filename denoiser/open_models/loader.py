@@ -18,6 +18,7 @@ from denoiser.backend import ModelLoadError, resolve_device
 from denoiser.open_models.checkpoint import check_fits, inspect_directory, stream_weights
 from denoiser.open_models.hf_tokenizer import load_tokenizer
 from denoiser.open_models.infill_backend import OpenModelBackend
+from denoiser.open_models.keystroke_cache import KeystrokeCachePolicy
 from denoiser.open_models.network import BidirectionalTransformer, Int8Linear, LayerWeights
 
 Progress = Callable[[str, float], None]
@@ -35,11 +36,14 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def load_open_model(model_dir: str | Path, device: str | torch.device = "auto", progress: Progress | None = None, *,
                     dtype: torch.dtype | None = None, int8: bool = False, cache_mode: str = "dual",
                     refresh_every: int = 4, initial_span: int = 32, max_context_tokens: int = 2048,
-                    available_memory: int | None = None) -> OpenModelBackend:
+                    available_memory: int | None = None,
+                    keystroke_cache: bool | KeystrokeCachePolicy | None = None) -> OpenModelBackend:
     """Load an open diffusion LLM directory (Dream family, LLaDA, Open-dCoder) as a Backend.
 
     `int8=True` (CPU only) stores every projection as int8 per output channel and the
     embedding table in bf16, about half the memory of bf16 weights; activations run in fp32.
+    `keystroke_cache=True` (or a `KeystrokeCachePolicy`) reuses each document's context keys/values
+    approximately from one request to the next (docs/OPEN_MODELS.md, "Keystroke cache").
     """
     report = progress or (lambda message, percent: None)
     model_dir = Path(model_dir)
@@ -77,9 +81,10 @@ def load_open_model(model_dir: str | Path, device: str | torch.device = "auto", 
     embed = tensors.pop(spec.embed_name)
     lm_head = tied_head or (embed if spec.lm_head_name is None else tensors.pop(spec.lm_head_name))
     model = BidirectionalTransformer(spec.shape, embed, tensors.pop(spec.final_norm_name), lm_head, layers)
-    weights = "int8" if int8 else str(dtype).replace("torch.", "")
+    weights = "int8" if int8 else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     backend = OpenModelBackend(model, tokenizer, spec, name=f"{spec.family}:{model_dir.name}", cache_mode=cache_mode,
                                refresh_every=refresh_every, initial_span=initial_span,
-                               max_context_tokens=max_context_tokens)
+                               max_context_tokens=max_context_tokens, keystroke_cache=keystroke_cache,
+                               weights=weights)
     report(f"{spec.family} model ready on {dev} ({weights} weights)", 100.0)
     return backend

@@ -1,7 +1,7 @@
 """The bidirectional Qwen2/LLaMA-style transformer that all open families share.
 
 Plain torch over plain tensors (no nn.Module parameters to initialise, so
-loading writes each checkpoint tensor straight into place). Two entry points:
+loading writes each checkpoint tensor straight into place). Entry points:
 
 - `full(ids, rows, kv)`: every position through every layer, fully
   bidirectional attention; optionally records each layer's keys and values
@@ -11,10 +11,19 @@ loading writes each checkpoint tensor straight into place). Two entry points:
   are recomputed; they attend to `kv` (the rest of the sequence, as it was at
   the last `full` call) plus their own fresh keys/values, which are written
   back into `kv`. This is the approximate "dual cache" step of Fast-dLLM.
+  `recompute(ids, positions, kv, rows)` is the same for any set of positions
+  (the keystroke cache recomputes the typed tokens, the span and the part of
+  the suffix it could not reuse in one pass).
+- `shift_keys(keys, delta)`: cached keys (after RoPE) moved by `delta`
+  positions. Rotations compose, so rotating a key cached at position p by
+  delta gives the key at p + delta: reused keys keep consistent positions
+  when the text before them grows or shrinks.
 
-Both return logits only for the requested rows (the vocabulary projection of
-1k positions would dominate the cost otherwise). This module knows nothing of
-tokenizers, prompts or checkpoint files.
+All return logits only for the requested rows (the vocabulary projection of
+1k positions would dominate the cost otherwise), and the last layer runs its
+attention output and MLP only for those rows (the keys and values of every
+position come from its input, so the cache loses nothing). This module knows
+nothing of tokenizers, prompts or checkpoint files.
 
 Weights are plain tensors (fp32/bf16/fp16), or `Int8Linear` for the
 projections of a CPU model loaded with int8 weights: each output channel
@@ -107,6 +116,10 @@ class KVStore:
     def length(self) -> int:
         return self.keys[0].shape[2] if self.keys else 0
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
 
 class BidirectionalTransformer:
     def __init__(self, shape: TransformerShape, embed: torch.Tensor, final_norm: torch.Tensor,
@@ -167,16 +180,16 @@ class BidirectionalTransformer:
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         s = self.shape
-        groups = s.num_heads // s.num_kv_heads
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=-3)
-            v = v.repeat_interleave(groups, dim=-3)
-        # No mask: every position sees every other (bidirectional denoiser).
         batched = q.dim() == 4
         if not batched:
             q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-        out = out.reshape(*out.shape[:2], s.num_heads * s.head_dim)
+        b, heads, t, d = q.shape
+        # Grouped-query attention: query head h reads key/value head h // groups. Each key/value
+        # head's queries attend as one longer block (rows are independent), so the cached keys and
+        # values are never copied once per query head. No mask: every position sees every other.
+        grouped = q.reshape(b, s.num_kv_heads, heads // s.num_kv_heads * t, d)
+        out = F.scaled_dot_product_attention(grouped, k, v).view(b, heads, t, d).transpose(1, 2)
+        out = out.reshape(b, t, heads * d)
         return out if batched else out[0]
 
     def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
@@ -193,6 +206,17 @@ class BidirectionalTransformer:
         x = F.embedding(ids, self.embed).to(self.dtype)
         return x * self.shape.input_scale if self.shape.input_scale != 1.0 else x
 
+    def _layer(self, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               attend_kv, rows: torch.Tensor | None) -> torch.Tensor:
+        """One block. `attend_kv(k, v)` gives the keys/values to attend to; with `rows`, only those
+        positions go on (the last layer: nothing after it needs the others)."""
+        q, k, v = self._qkv(layer, self._rms(x, layer.attn_norm), cos, sin)
+        k, v = attend_kv(k, v)
+        if rows is not None:
+            x, q = x[..., rows, :], q[..., rows, :]
+        x = x + linear(self._attend(q, k, v), layer.o_proj)
+        return x + self._mlp(layer, x)
+
     # -- entry points ------------------------------------------------------------------
     @torch.no_grad()
     def full(self, ids: torch.Tensor, rows: torch.Tensor | None = None, kv: KVStore | None = None) -> torch.Tensor:
@@ -206,14 +230,17 @@ class BidirectionalTransformer:
         x = self._embed(ids)
         if kv is not None:
             kv.keys, kv.values = [], []
-        for layer in self.layers:
-            q, k, v = self._qkv(layer, self._rms(x, layer.attn_norm), cos, sin)
+
+        def record(k: torch.Tensor, v: torch.Tensor):
             if kv is not None:
                 kv.keys.append(k.unsqueeze(0))
                 kv.values.append(v.unsqueeze(0))
-            x = x + linear(self._attend(q, k, v), layer.o_proj)
-            x = x + self._mlp(layer, x)
-        return self._logits(x if rows is None else x[..., rows, :])
+            return k, v
+
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = self._layer(layer, x, cos, sin, record, rows if i == last else None)
+        return self._logits(x if rows is None or self.layers else x[..., rows, :])
 
     @torch.no_grad()
     def window(self, ids: torch.Tensor, start: int, kv: KVStore, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -221,13 +248,46 @@ class BidirectionalTransformer:
         end = start + ids.shape[0]
         if end > kv.length:
             raise ValueError(f"window [{start}, {end}) runs past the cached sequence ({kv.length} positions)")
-        cos, sin = self._rope(torch.arange(start, end, device=self.device))
+        return self._recompute(ids, torch.arange(start, end, device=self.device), slice(start, end), kv, rows)
+
+    @torch.no_grad()
+    def recompute(self, ids: torch.Tensor, positions: torch.Tensor, kv: KVStore,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Recompute the tokens `ids` at `positions` (ascending) against cached K/V of the rest; logits of
+        `rows` (indices into `positions`). Their fresh keys/values are written into `kv`."""
+        if positions.numel() != ids.shape[0]:
+            raise ValueError("recompute needs one position per token")
+        if positions.numel() and int(positions[-1]) >= kv.length:
+            raise ValueError(f"position {int(positions[-1])} runs past the cached sequence ({kv.length} positions)")
+        lo, n = (int(positions[0]), positions.numel()) if positions.numel() else (0, 0)
+        contiguous = n > 0 and int(positions[-1]) == lo + n - 1
+        where = slice(lo, lo + n) if contiguous else positions.to(self.device)
+        return self._recompute(ids, positions.to(self.device), where, kv, rows)
+
+    def _recompute(self, ids: torch.Tensor, positions: torch.Tensor, where, kv: KVStore,
+                   rows: torch.Tensor | None) -> torch.Tensor:
+        cos, sin = self._rope(positions)
         x = self._embed(ids)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, self._rms(x, layer.attn_norm), cos, sin)
-            # The window's own keys/values replace its stale ones; the rest stays as cached.
-            kv.keys[i][0, :, start:end] = k
-            kv.values[i][0, :, start:end] = v
-            x = x + linear(self._attend(q, kv.keys[i][0], kv.values[i][0]), layer.o_proj)
-            x = x + self._mlp(layer, x)
-        return self._logits(x if rows is None else x[rows])
+            keys, values = kv.keys[i][0], kv.values[i][0]
+
+            def write(k: torch.Tensor, v: torch.Tensor, keys=keys, values=values):
+                # The recomputed keys/values replace their stale ones; the rest stays as cached.
+                if isinstance(where, slice):
+                    keys[:, where] = k
+                    values[:, where] = v
+                else:
+                    keys.index_copy_(1, where, k)
+                    values.index_copy_(1, where, v)
+                return keys, values
+
+            x = self._layer(layer, x, cos, sin, write, rows if i == last else None)
+        return self._logits(x if rows is None or self.layers else x[rows])
+
+    def shift_keys(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
+        """Keys cached after RoPE at positions p, as they would be at p + delta (rotations compose)."""
+        if delta == 0:
+            return keys
+        cos, sin = self._rope(torch.tensor([delta], device=self.device))
+        return self._apply_rope(keys, cos, sin)

@@ -44,6 +44,8 @@ export const SETTINGS: readonly SettingSpec[] = [
   { key: 'engine', type: 'string', server: true },
   { key: 'engineTokenFile', type: 'string', server: true },
   { key: 'engineFallback', type: 'string', server: true, enum: ['none', 'local'] },
+  { key: 'openModelWeights', type: 'string', server: true, enum: ['auto', 'bf16', 'int8', 'fp32'] },
+  { key: 'openModelKeystrokeCache', type: 'boolean', server: true },
   { key: 'verboseLogging', type: 'boolean', server: true },
 ];
 

@@ -21,7 +21,7 @@ M.defaults = {
   -- spanTokensLine, spanTokensBlock, steps, confidenceThreshold, minConfidence,
   -- debounceMs, latencyBudgetMs, threads, enabledLanguages, maxSnippets, repoDrafts,
   -- verboseLogging,
-  -- engine, engineTokenFile, engineFallback).
+  -- engine, engineTokenFile, engineFallback, openModelWeights, openModelKeystrokeCache).
   settings = {},
   -- Show suggestions as ghost text (needs Neovim >= 0.12).
   inline = true,
