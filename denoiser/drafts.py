@@ -109,7 +109,7 @@ class DraftCalibration:
     about: dict = field(default_factory=dict, compare=False)  # what it was fitted on
 
     FEATURES = ("mean_log_prob", "agreement", "log_matched_chars", "matched_lines", "log_occurrences",
-                "log_tokens", "next_line", "log_rivals")
+                "log_tokens", "next_line", "log_rivals", "same_document")
 
     @staticmethod
     def features(check: DraftCheck, evidence: DraftEvidence, draft_tokens: int) -> dict[str, float]:
@@ -122,6 +122,7 @@ class DraftCalibration:
             "log_tokens": math.log1p(draft_tokens),
             "next_line": float(evidence.next_line),
             "log_rivals": math.log1p(evidence.rivals),
+            "same_document": float(evidence.same_document),
         }
 
     def probability(self, features: dict[str, float]) -> float:

@@ -43,6 +43,7 @@ class DraftEvidence:
     occurrences: int = 0  # places in the user's code the same continuation follows
     next_line: int = 0  # 1: the source's next line is the one the document has after the draft
     rivals: int = 0  # other continuations the lookup found
+    same_document: int = 0  # 1: the draft comes from the document being completed
 
 
 @dataclass(frozen=True)

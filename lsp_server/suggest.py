@@ -156,7 +156,7 @@ def with_draft(request: FimRequest, drafts: DraftIndex, text: str, line: int, ch
     if found is None:
         return request
     evidence = DraftEvidence(found.matched_chars, found.matched_lines, found.occurrences, int(found.next_line),
-                             found.rivals)
+                             found.rivals, int(found.source == document))
     return replace(request, draft=found.text, draft_evidence=evidence)
 
 

@@ -137,3 +137,20 @@ def test_a_block_draft_cut_at_the_documents_next_line_says_so():
     assert draft_at(index(other=OTHER), text, "|", "block").next_line is True
     text = "def h(x):\n  if x is None:\n    |\n  return None\n"
     assert draft_at(index(other=OTHER), text, "|", "block").next_line is False
+
+
+def test_the_request_carries_the_drafts_evidence():
+    from lsp_server.suggest import build_request, with_draft
+
+    text = "def a():\n    value = compute(1)\n    log(value)\n\ndef c():\n    value = compute(\n    log(value)\n"
+    line, character = 5, len("    value = compute(")
+    request = with_draft(build_request(text, line, character, path="c.py", language_id="python"),
+                         DraftIndex(), text, line, character, "file:///c.py")
+    assert request.draft == "1)"
+    evidence = request.draft_evidence
+    assert (evidence.same_document, evidence.next_line, evidence.rivals) == (1, 1, 0)
+    other = index(**{"file:///a.py": "def a():\n    value = compute(2)\n    log(value)\n"})
+    text = "def c():\n    value = compute(\n    log(value)\n"
+    request = with_draft(build_request(text, 1, len("    value = compute("), path="c.py", language_id="python"),
+                         other, text, 1, len("    value = compute("), "file:///c.py")
+    assert request.draft == "2)" and request.draft_evidence.same_document == 0

@@ -9,6 +9,7 @@ def test_a_request_with_its_draft_and_evidence_round_trips():
     request = FimRequest("# header\n", "x = fo", "\nprint(x)", SpanPlan("line", 32), language="python",
                          path="a.py", snippets=(Snippet("b.py", "foo = 1"),), draft="o(1)",
                          draft_evidence=DraftEvidence(matched_chars=12, matched_lines=2, occurrences=3, next_line=1,
+                                                      same_document=1,
                                                       rivals=4))
     assert request_from_json(request_to_json(request)) == request
 

@@ -24,7 +24,7 @@ from lsp_server.suggest import build_request, context_options, with_draft
 from tools.draft_eval import package_examples
 from tools.evaluate import exact_match
 
-L2 = 0.1  # ridge on standardised weights: a few hundred examples, eight features
+L2 = 0.1  # ridge on standardised weights: a few hundred examples, nine features
 GATE = Settings().min_confidence  # the default suggestion gate the fit is reported at
 
 
