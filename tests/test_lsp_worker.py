@@ -22,7 +22,7 @@ class FakeEngine:
 async def loaded_worker(monkeypatch, events):
     from denoiser.engine import Engine
 
-    def fake_load(model=None, device="auto", progress=None):
+    def fake_load(model=None, device="auto", progress=None, open_model_weights="auto"):
         events.append(f"load {model}")
         return FakeEngine(model)
 
