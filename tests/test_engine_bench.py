@@ -51,3 +51,10 @@ def test_the_hop_takes_each_request_here_and_there_in_turns(parafill_tiny_model)
     local_ms, remote_ms = engine_bench.paired_fills(here, there, settings, requests)
     assert len(local_ms) == len(remote_ms) == 4 and min(local_ms + remote_ms) > 0
     assert calls == ["here", "there", "there", "here", "here", "there", "there", "here"]
+
+
+def test_requests_per_replica_add_up_over_the_clients():
+    statuses = [{"replicas": {"a": {"requests": 5, "contextKvReuse": 0.9}}},
+                {"replicas": {"b": {"requests": 3, "contextKvReuse": 0.8}, "a": {"requests": 1, "contextKvReuse": 0}}},
+                {"replicas": {}}]
+    assert engine_bench.requests_per_replica(statuses) == {"a": 6, "b": 3}

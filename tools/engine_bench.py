@@ -130,6 +130,16 @@ def noop_round_trips(url: str, token: str, count: int) -> list[float]:
     return latencies[3:]  # the first round trips open the connection and warm the path
 
 
+def requests_per_replica(statuses: list[dict]) -> dict[str, int]:
+    """Requests each replica answered, summed over the clients' `teamEngine` statuses (every
+    request counted, each client's first included): how evenly the routing spread the documents."""
+    counts: dict[str, int] = {}
+    for status in statuses:
+        for name, figures in status["replicas"].items():
+            counts[name] = counts.get(name, 0) + figures["requests"]
+    return counts
+
+
 def clients_run(url: str, settings, clients: int, per_client: int, tag: str) -> dict:
     """`clients` threads, each its own server-side Engine + RemoteBackend and document; closed loop."""
     from lsp_server.engine_client import connect_engine
@@ -159,14 +169,13 @@ def clients_run(url: str, settings, clients: int, per_client: int, tag: str) -> 
     seconds = time.perf_counter() - began
     if errors:
         raise SystemExit(f"parafill bench --engine: a client failed: {errors[0]}")
-    replicas_used = set()
+    per_replica = requests_per_replica([engine.backend.remote_status() for engine in engines])
     for engine in engines:
-        replicas_used |= set(engine.backend.remote_status()["replicas"])
         engine.backend.close()
     flat = [v for row in latencies for v in row]
     return {"clients": clients, "requests": len(flat), "seconds": round(seconds, 3),
             "requests_per_s": round(len(flat) / seconds, 3), "latency_ms": percentiles(flat),
-            "replicas_used": len(replicas_used)}
+            "replicas_used": len(per_replica), "requests_per_replica": sorted(per_replica.values(), reverse=True)}
 
 
 def main(argv: list[str] | None = None) -> int:
