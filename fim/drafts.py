@@ -235,8 +235,13 @@ class DraftIndex:
                     if rest is None:
                         continue
                     score = self._context_score(doc_name, line, wanted) if whole else -1
+                    entry = by_text.get(rest)
+                    if entry is not None and (matched, score) < (entry[0], entry[1]):
+                        entry[3] += 1  # cannot replace the kept source: the next line need not be read
+                        continue
                     follows = upcoming is not None and self._next_stripped(doc, line) == upcoming
-                    entry = by_text.setdefault(rest, [matched, score, follows, 0, doc_name, line])
+                    if entry is None:
+                        entry = by_text[rest] = [matched, score, follows, 0, doc_name, line]
                     entry[3] += 1
                     if (matched, score, follows) > (entry[0], entry[1], entry[2]):
                         entry[0], entry[1], entry[2], entry[4], entry[5] = matched, score, follows, doc_name, line
@@ -379,8 +384,15 @@ def _cut_block(draft: Draft, after_line: str, following: list[str]) -> Draft | N
 
 
 def _next_non_empty(text: str, start: int) -> str | None:
-    """The stripped text of the first non-empty line from offset `start` (None: none within a few lines)."""
-    for line in text[start:].split("\n", MAX_CONTEXT_LINES)[:MAX_CONTEXT_LINES]:
+    """The stripped text of the first non-empty line from offset `start` (None: none within a few lines).
+    Reads line by line: the rest of a large document is never copied."""
+    for _ in range(MAX_CONTEXT_LINES):
+        if start > len(text):
+            return None
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end
+        line = text[start:end]
         if line.strip():
             return line.strip() if len(line) <= MAX_LINE_CHARS else ""
+        start = end + 1
     return None
