@@ -19,7 +19,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from denoiser.tokenizer import CodeTokenizer
 from training.corpus.shards import train_files as corpus_train_files
 from training.examples import TokenExample
 from training.export import save_native_model
+from training.grow import load_grown
 from training.step import autocast, compiled, resolve_precision, step_flops
 from training.train_data import SPAN_CHOICES, ExampleStream, PrefetchStream, fit_span, read_corpus
 
@@ -240,12 +241,14 @@ def run(args) -> None:
         step, tokens, stream_seed = load_checkpoint(ckpt, model, optimizer)
         print(f"resumed from {ckpt} at step {step} ({tokens / 1e6:.1f}M tokens)", file=sys.stderr)
     elif args.init:
-        init_model, _, init_config = load_native_model(Path(args.init), device)
-        # The trained context may grow (RoPE positions reach max_positions); the shape may not.
-        if replace(init_config, context_tokens=config.context_tokens) != config:
-            raise SystemExit(f"--init {args.init}: its shape differs from the requested one "
-                             f"({init_config.to_json()} against {config.to_json()})")
-        model.load_state_dict(init_model.state_dict())
+        init_model, _, _ = load_native_model(Path(args.init), device)
+        try:
+            added = load_grown(model, init_model)
+        except ValueError as e:
+            raise SystemExit(f"--init {args.init}: {e}") from None
+        if added:
+            print(f"grown from {init_model.config.n_layers} layers: blocks {added} start as the identity",
+                  file=sys.stderr)
     seed = hash((stream_seed, step)) & 0xFFFFFFFF
     if args.data_workers:
         stream = PrefetchStream(train_paths, Path(args.tokenizer), settings.context_tokens, seed,

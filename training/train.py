@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER),
                    help="tokenizer.json (default: the shipped model's)")
     p.add_argument("--out", default="runs/default", help="run folder: checkpoint/ and log.jsonl")
-    p.add_argument("--init", help="start from the weights of this model directory")
+    p.add_argument("--init", help="start from the weights of this model directory (the same shape, or more "
+                                  "--n-layers: the new blocks start as the identity)")
     p.add_argument("--export", help="write a model directory here at the end")
     p.add_argument("--card", help="MODEL_CARD.md to put in the exported directory")
     p.add_argument("--int8", action="store_true", help="export int8 weights with per-channel scales")
