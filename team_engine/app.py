@@ -5,14 +5,15 @@ loads one model on its device (`ReplicaService`) and is itself the HTTP
 ingress, so a fill crosses the proxy and one replica, no second hop.
 
 - Routing: the language server names the document in Serve's session header
-  (`x-session-id`: a hash of its URI, never the path), and Serve's
-  consistent-hash router maps it onto a ring of the live replicas: every
-  request for a document reaches the same replica, so its context keys and
-  values stay useful, whichever proxy routes it and however many documents
-  arrive at once. Documents spread over the replicas; a replica that is full
-  (`max_ongoing_requests`) passes a request to the document's next replica on
-  the ring; when a replica dies or one is added, only the documents that hash
-  to it move. Each replica's context cache keeps its least recently used
+  (`x-session-id`: a hash of its URI, never the path), and the router
+  (`team_engine.routing`) gives each document a replica and keeps it there, so
+  its context keys and values stay useful however many documents arrive at
+  once. Documents spread evenly: a new one goes to the first replica in its
+  own hash order that holds fewer than its share of the active documents
+  (`team_engine.placement`). A replica that is full (`max_ongoing_requests`)
+  passes a request to the document's next replica; when a replica dies its
+  documents are placed again, and one that is added takes new documents and
+  those of replicas far over their share. Each replica's context cache keeps its least recently used
   documents within `documents_per_replica` and `context_cache_mb`.
 - Batching: each fill goes straight to a thread of the replica, where the
   native denoiser batches the fills in flight itself (`denoiser/batching.py`):
@@ -42,10 +43,10 @@ from typing import Any
 
 DEPLOYMENT = "parafill-denoiser"
 APP_NAME = "parafill"
-# Ray Serve's router for session affinity: a consistent-hash ring over the replicas, keyed by the
-# request's session header (x-session-id, unless the cluster renames it: RAY_SERVE_SESSION_ID_HEADER_KEY),
-# which the language server fills with its document's key (lsp_server/engine_client.py).
-ROUTER = "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"
+# The router for document affinity with bounded loads (team_engine/routing.py), keyed by the request's
+# session header (x-session-id, unless the cluster renames it: RAY_SERVE_SESSION_ID_HEADER_KEY), which
+# the language server fills with its document's key (lsp_server/engine_client.py).
+ROUTER = "team_engine.routing.BoundedLoadRouter"
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def build_application(options: EngineOptions, token_sha256: str):
         health_check_period_s=2.0,
         health_check_timeout_s=60.0,  # a replica busy with a long fill on a loaded CPU is not dead
         graceful_shutdown_timeout_s=5.0,
-        # One fallback: a document whose replica is full goes to its next replica on the ring.
+        # One fallback: a document whose replica is full goes to its next replica.
         request_router_config=RequestRouterConfig(
             request_router_class=ROUTER, request_router_kwargs={"num_virtual_nodes": 100, "num_fallback_replicas": 1}),
         # No access-log line per request (the replica counts its requests: GET /v1/status).

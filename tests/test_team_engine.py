@@ -278,18 +278,15 @@ def test_two_documents_stay_on_two_replicas_and_keep_their_caches(engine, monkey
             replicas.add(client.backend.replica_of(document))
         return replicas
 
-    # Documents hash onto the replicas: open documents until two landed on different ones.
+    # Two active documents, two replicas: the router gives each its own (bounded loads).
     served_by: dict[str, str] = {}
-    for n in range(12):
+    for n in range(2):
         document = f"file:///project/module_{n}.py"
         replicas = typing_in(document)
         assert len(replicas) == 1, f"{document} moved between replicas: {replicas}"
         served_by[document] = replicas.pop()
-        if len(set(served_by.values())) == 2:
-            break
-    assert len(set(served_by.values())) == 2, f"every document went to one replica: {served_by}"
-    first, last = next(iter(served_by)), document
-    assert served_by[first] != served_by[last]
+    assert len(set(served_by.values())) == 2, f"both documents went to one replica: {served_by}"
+    first = next(iter(served_by))
     # Back to the first document: still its replica, whose cache still holds its context.
     assert typing_in(first, "xyz") == {served_by[first]}
     remote = client.backend.remote_status()

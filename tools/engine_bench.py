@@ -13,7 +13,10 @@ In one run, on one machine, with one model:
   editor's language server: its own `Engine` over its own `RemoteBackend`
   (connections, document keys), calling the server's suggestion path
   (`lsp_server.suggest`) on its own document, one request after another, each
-  at a new cursor (so no answer comes from the server's own caches).
+  at a new cursor (so no answer comes from the server's own caches). With more
+  than one replica, each client count starts once the documents of the one
+  before have gone idle, as if those editors had closed them (the router places
+  documents by the active ones: `team_engine.placement`).
 The engine runs on a Ray cluster this command starts on 127.0.0.1 and stops at
 the end. Writes JSON and a plot under bench/results/. Measures only.
 """
@@ -226,6 +229,7 @@ def run(args, model: str | None, token: str, replica_counts: list[int], client_c
     from team_engine.app import APP_NAME, EngineOptions, build_application
     from team_engine.auth import digest
     from team_engine.cluster import free_ports, serve_engine, start_local_cluster
+    from team_engine.placement import IDLE_S
     from tools.bench import cpu_name
 
     # The product's decoding, without the latency budget: every fill does its whole work
@@ -269,7 +273,9 @@ def run(args, model: str | None, token: str, replica_counts: list[int], client_c
                     f"{hop['through_engine_ms']['p50']} ms through the engine vs {hop['in_process_ms']['p50']} ms here "
                     f"(added p50 {hop['added_ms']['p50']} ms, of which outside the replica's model "
                     f"p50 {outside['p50']} ms)")
-            for clients in client_counts:
+            for n, clients in enumerate(client_counts):
+                if replicas > 1 and n:
+                    time.sleep(IDLE_S + 1)  # the last clients' documents stop counting
                 row = {"replicas": replicas, **clients_run(url, settings, clients, args.requests,
                                                            f"r{replicas}c{clients}")}
                 rows.append(row)
