@@ -172,8 +172,10 @@ class ContextRows:
     tensor's address for ever (CUDA graphs); otherwise it grows on demand.
     """
 
-    def __init__(self, config, device, dtype, *, rows: int = 0, fixed_capacity: int | None = None):
+    def __init__(self, config, device, dtype, *, rows: int = 0, fixed_capacity: int | None = None,
+                 max_rows: int | None = None):
         self.config, self.device, self.dtype = config, device, dtype
+        self.max_rows = max_rows
         self.fixed = fixed_capacity is not None
         self.kv = KVBuffers.allocate(config, rows, fixed_capacity or 0, device, dtype)
         self.jobs: list[SpanJob] = []
@@ -203,7 +205,10 @@ class ContextRows:
         if row >= self.rows or job.ctx_len > self.kv.capacity:
             limit = self.config.max_positions
             capacity = max(self.kv.capacity, min(limit, -(-max(job.ctx_len, 1) // CAPACITY_STEP) * CAPACITY_STEP))
-            self._grow(max(self.rows, row + 1), capacity)
+            rows = self.rows
+            if row >= rows:  # rows double (up to max_rows): each growth copies every row so far
+                rows = max(row + 1, min(2 * rows, self.max_rows or 0))
+            self._grow(rows, capacity)
         n = job.ctx_len
         self.kv.k[:, row, :, :n] = job.kv.k[:, 0, :, :n]
         self.kv.v[:, row, :, :n] = job.kv.v[:, 0, :, :n]
@@ -454,7 +459,7 @@ class SpanBatcher:
                 rows = ContextRows(config, self.device, self.dtype, rows=self.max_batch,
                                    fixed_capacity=self.fixed_capacity)
             else:
-                rows = ContextRows(config, self.device, self.dtype)
+                rows = ContextRows(config, self.device, self.dtype, max_rows=self.max_batch)
             self._rows[span_len] = rows
         return rows
 

@@ -306,3 +306,26 @@ def test_a_failed_shared_step_fails_each_request_with_its_own_error(model, conte
     assert len(originals) == 1 and len(others) == 2 and len({id(e) for e in others}) == 2
     assert all(isinstance(e, RuntimeError) and e.__cause__ is fault and "CUDA error: injected" in str(e)
                for e in others)
+
+
+def test_pooled_rows_double_up_to_the_batch_limit_and_keep_every_context():
+    from types import SimpleNamespace
+
+    from denoiser.batching import ContextRows
+
+    model = make_model()
+    rows = ContextRows(model.config, "cpu", torch.float32, max_rows=6)
+    contexts = [context(model, 20 + i, seed=i) for i in range(7)]
+    jobs, grown = [], []
+    for i, kv in enumerate(contexts):
+        job = SimpleNamespace(kv=kv, ctx_len=20 + i, row=None)
+        before = rows.kv.k.data_ptr() if rows.rows else None
+        rows.admit(job)
+        jobs.append(job)
+        if rows.kv.k.data_ptr() != before:
+            grown.append(rows.rows)
+    assert grown == [1, 2, 4, 6, 7]  # doubling, capped at max_rows, then one more when asked
+    for job in jobs:
+        n = job.ctx_len
+        assert torch.equal(rows.kv.k[:, job.row, :, :n], job.kv.k[:, 0, :, :n])
+        assert torch.equal(rows.kv.v[:, job.row, :, :n], job.kv.v[:, 0, :, :n])

@@ -58,3 +58,13 @@ def test_requests_per_replica_add_up_over_the_clients():
                 {"replicas": {"b": {"requests": 3, "contextKvReuse": 0.8}, "a": {"requests": 1, "contextKvReuse": 0}}},
                 {"replicas": {}}]
     assert engine_bench.requests_per_replica(statuses) == {"a": 6, "b": 3}
+
+
+def test_the_machine_ceiling_runs_plain_processes_that_fill_in_themselves(parafill_tiny_model):
+    from lsp_server.settings import Settings
+
+    settings = Settings(min_confidence=0, steps=2, span_tokens_line=8, span_tokens_block=8, context_tokens=128,
+                        latency_budget_ms=0)
+    rows = engine_bench.machine_ceiling(str(parafill_tiny_model), 1, settings, [1, 2], requests=2)
+    assert [row["processes"] for row in rows] == [1, 2]
+    assert all(row["fills_per_s"] > 0 for row in rows)

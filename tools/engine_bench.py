@@ -16,7 +16,10 @@ In one run, on one machine, with one model:
   at a new cursor (so no answer comes from the server's own caches). With more
   than one replica, each client count starts once the documents of the one
   before have gone idle, as if those editors had closed them (the router places
-  documents by the active ones: `team_engine.placement`).
+  documents by the active ones: `team_engine.placement`);
+- the machine's own ceiling: fills/s of 1 and 2 plain processes filling at
+  once in themselves, no engine, no clients (what two replicas could at best
+  get from the cores they share with everything else).
 The engine runs on a Ray cluster this command starts on 127.0.0.1 and stops at
 the end. Writes JSON and a plot under bench/results/. Measures only.
 """
@@ -143,6 +146,46 @@ def requests_per_replica(statuses: list[dict]) -> dict[str, int]:
     return counts
 
 
+def _plain_process(model: str | None, threads: int, settings, requests: int, salt: str, start, results) -> None:
+    """One process filling in itself, no engine: a replica's work without Ray, proxy or clients."""
+    import torch
+
+    from denoiser.engine import Engine
+
+    torch.set_num_threads(threads)
+    engine = Engine.load(model, device="cpu")
+    engine.set_threads(threads)
+    work = cursors(requests + 1, salt)
+    timed_fills(engine, settings, work[:1], f"file:///bench/{salt}.py")
+    start.wait()
+    began = time.perf_counter()
+    timed_fills(engine, settings, work[1:], f"file:///bench/{salt}.py")
+    results.put(requests / (time.perf_counter() - began))
+
+
+def machine_ceiling(model: str | None, threads: int, settings, counts: list[int], requests: int) -> list[dict]:
+    """Fills/s of 1, 2, ... plain processes at once, each filling its own document in itself:
+    what this machine's cores give that many replicas when nothing else shares them."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # a fresh torch per process, as a replica has
+    rows = []
+    for count in counts:
+        start, results = context.Barrier(count + 1), context.Queue()
+        workers = [context.Process(target=_plain_process, args=(model, threads, settings, requests,
+                                                                f"plain-{count}-{i}", start, results))
+                   for i in range(count)]
+        for worker in workers:
+            worker.start()
+        start.wait()
+        rates = [results.get(timeout=3600) for _ in workers]
+        for worker in workers:
+            worker.join()
+        rows.append({"processes": count, "fills_per_s": round(sum(rates), 3)})
+        say(f"{count} plain process(es), no engine: {rows[-1]['fills_per_s']} fills/s")
+    return rows
+
+
 def clients_run(url: str, settings, clients: int, per_client: int, tag: str) -> dict:
     """`clients` threads, each its own server-side Engine + RemoteBackend and document; closed loop."""
     from lsp_server.engine_client import connect_engine
@@ -247,6 +290,7 @@ def run(args, model: str | None, token: str, replica_counts: list[int], client_c
     hop_work = cursors(args.hop_requests + 2, "hop")
     timed_fills(local, settings, hop_work[:2], "file:///bench/warm.py")
 
+    ceiling = machine_ceiling(model, args.threads, settings, replica_counts, max(2, args.requests * 2))
     cpus = args.num_cpus or float(os.cpu_count() or 1)
     cluster = start_local_cluster(cpus, 0.0, digest(token))
     port = free_ports(1)[0]
@@ -292,6 +336,8 @@ def run(args, model: str | None, token: str, replica_counts: list[int], client_c
     scaling = None
     if rps(1, most) and rps(2, most):
         scaling = round(rps(2, most) / rps(1, most), 3)
+    plain = {row["processes"]: row["fills_per_s"] for row in ceiling}
+    plain_scaling = round(plain[2] / plain[1], 3) if plain.get(1) and plain.get(2) else None
     headline = {
         "hop_noop_p50_ms": hop["noop_round_trip_ms"]["p50"], "hop_noop_p99_ms": hop["noop_round_trip_ms"]["p99"],
         "hop_added_p50_ms": hop["added_ms"]["p50"], "hop_added_p99_ms": hop["added_ms"]["p99"],
@@ -301,6 +347,8 @@ def run(args, model: str | None, token: str, replica_counts: list[int], client_c
         and hop["noop_round_trip_ms"]["p50"] <= HOP_TARGET_MS,
         f"replica_scaling_at_{most}_clients": scaling, "scaling_target": SCALING_TARGET,
         "scaling_target_met": scaling is not None and scaling >= SCALING_TARGET,
+        # The same ratio for plain processes without the engine: what the machine allows.
+        "plain_process_scaling": plain_scaling,
     }
     from importlib.metadata import version
 
@@ -310,7 +358,7 @@ def run(args, model: str | None, token: str, replica_counts: list[int], client_c
                          "span_tokens_block": settings.span_tokens_block, "context_tokens": settings.context_tokens,
                          "latency_budget_ms": 0},
             "note": "clients, replicas, Ray and this process share the machine's cores",
-            "hop": hop, "throughput": rows, "headline": headline}
+            "hop": hop, "throughput": rows, "plain_processes": ceiling, "headline": headline}
 
 
 def plot(results: dict, path: Path) -> None:
