@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from fim.request import FimRequest
+
+# torch is imported where a model runs: a server that only talks to an engine never loads it.
+if TYPE_CHECKING:
+    import torch
 
 
 class Cancelled(Exception):
@@ -93,6 +95,8 @@ class Backend(Protocol):
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """"auto" → cuda when available, else cpu; anything else as torch reads it."""
+    import torch
+
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)

@@ -21,7 +21,6 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
-import torch
 from cachetools import LRUCache, TTLCache
 
 from denoiser.backend import Backend, Cancelled, DecodeSettings, FillResult
@@ -103,7 +102,8 @@ def typed_ahead_remainder(last: _Suggestion, request: FimRequest) -> str | None:
 
 def is_device_fault(exc: BaseException) -> bool:
     """Out of GPU memory, or another CUDA runtime failure worth a fallback."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
+    torch = sys.modules.get("torch")  # not loaded: no model ran here, so no device failed
+    if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and ("CUDA" in str(exc) or "cuda" in str(exc))
 
@@ -305,7 +305,8 @@ class Engine:
         clear = getattr(getattr(self.backend, "context_cache", None), "clear", None)
         if clear:
             clear()  # a backend that does not batch: the engine's lock is held, nobody else is in it
-        if torch.cuda.is_available():
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     def set_threads(self, threads: int) -> None:

@@ -191,6 +191,9 @@ async def test_an_lsp_session_through_the_engine_and_through_its_outage(client: 
     await parafill_lsp.inline(client, URI, 4, 24)
     status = await parafill_lsp.status(client)
     assert status["teamEngine"]["requests"]["answered"] == 2 and status["hitRates"]["contextKvReuse"] > 0
+    # With an engine and no local fallback, the server never loads torch (its memory and start-up time).
+    maps = Path(f"/proc/{client._server.pid}/maps").read_text()
+    assert "libtorch" not in maps and "libc10" not in maps
     # The engine goes away: one message, then empty answers; it comes back by itself.
     stand_in.stop()
     try:
