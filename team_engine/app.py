@@ -13,8 +13,9 @@ ingress, so a fill crosses the proxy and one replica, no second hop.
   (`team_engine.placement`). A replica that is full (`max_ongoing_requests`)
   passes a request to the document's next replica; when a replica dies its
   documents are placed again, and one that is added takes new documents and
-  those of replicas far over their share. Each replica's context cache keeps its least recently used
-  documents within `documents_per_replica` and `context_cache_mb`.
+  those of replicas far over their share. Each replica's context cache keeps
+  its least recently used documents within `documents_per_replica` and
+  `context_cache_mb`.
 - Batching: each fill goes straight to a thread of the replica, where the
   native denoiser batches the fills in flight itself (`denoiser/batching.py`):
   a fill joins the running batch at its next denoising step and leaves as soon

@@ -41,8 +41,8 @@ class BoundedLoadPlacement:
     def __init__(self, *, idle_s: float = IDLE_S, keep_factor: float = KEEP_FACTOR,
                  clock: Callable[[], float] = time.monotonic):
         self.idle_s, self.keep_factor, self._clock = idle_s, keep_factor, clock
-        self._where: OrderedDict[str, str] = OrderedDict()  # key -> replica, least recently seen first
-        self._seen: dict[str, float] = {}
+        # key -> (replica, last seen), least recently seen first
+        self._where: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._load: Counter = Counter()
         self._replicas: frozenset = frozenset()
         self._home: OrderedDict[str, str] = OrderedDict()  # idle documents -> their last replica
@@ -71,7 +71,7 @@ class BoundedLoadPlacement:
             # Loads of the others sum to active - 1 < n·cap, so some replica is under the cap.
             chosen = next(r for r in order if self._load[r] < cap)
             self.moved += current is not None and chosen != current
-        self._where[key], self._seen[key] = chosen, self._clock()
+        self._where[key] = (chosen, self._clock())
         self._load[chosen] += 1
         return [chosen] + [r for r in order if r != chosen]
 
@@ -80,8 +80,7 @@ class BoundedLoadPlacement:
         self._home.pop(key, None)
 
     def _release(self, key: str) -> str | None:
-        replica = self._where.pop(key, None)
-        self._seen.pop(key, None)
+        replica, _ = self._where.pop(key, (None, 0.0))
         if replica is not None:
             self._load[replica] -= 1
         return replica
@@ -90,7 +89,7 @@ class BoundedLoadPlacement:
         if replicas == self._replicas:
             return
         gone = self._replicas - replicas
-        for key in [key for key, replica in self._where.items() if replica in gone]:
+        for key in [key for key, (replica, _) in self._where.items() if replica in gone]:
             self._release(key)
         for replica in gone:
             del self._load[replica]
@@ -100,8 +99,8 @@ class BoundedLoadPlacement:
 
     def _expire(self, now: float) -> None:
         while self._where:
-            key = next(iter(self._where))
-            if now - self._seen[key] < self.idle_s:
+            key, (_, seen) = next(iter(self._where.items()))
+            if now - seen < self.idle_s:
                 break
             self._home[key] = self._release(key)
             if len(self._home) > REMEMBERED:
