@@ -35,3 +35,24 @@ def test_precision_and_shown_count_at_a_gate():
     kept = [r for r in data if calibration.probability(r["features"]) >= 0.5]
     assert (shown, right) == (len(kept), sum(r["right"] for r in kept))
     assert 0 < shown < len(data) and right / shown > sum(r["right"] for r in data) / len(data)
+
+
+def test_collect_drafts_each_cut_from_the_workspace_and_from_the_document_alone(tmp_path, parafill_tiny_model):
+    from denoiser.engine import Engine
+    from tools.draft_calibration import collect
+
+    package = tmp_path / "pkg"
+    package.mkdir()
+    # A helper call repeated across files (a workspace draft) and within each file (a document draft).
+    for n in range(4):
+        body = "".join(f"def handler_{n}_{i}(request):\n    value = load_config(request, strict=True)\n"
+                       f"    return render(value)\n\n" for i in range(6))
+        (package / f"mod_{n}.py").write_text(body)
+    engine = Engine.load(parafill_tiny_model, device="cpu")
+    rows = collect(engine.backend, engine, [package], files=2, per_file=6, seed=0, log=lambda _: None)
+    settings = {r["setting"] for r in rows}
+    assert settings == {"workspace", "document"}
+    alone = [r for r in rows if r["setting"] == "document"]
+    # With the document alone, every draft can only come from the document itself.
+    assert alone and all(r["features"]["same_document"] == 1.0 for r in alone)
+    assert all(set(r["features"]) == set(DraftCalibration.FEATURES) for r in rows)

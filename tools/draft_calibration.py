@@ -1,10 +1,13 @@
 """`parafill eval --fit-drafts DIR,...`: fit how far this model's drafts from the user's code can be trusted.
 
-Each DIR is a package the model never trained on, used as the workspace folder
-(as `--repo-drafts` does: the evaluated files are left out of the index). For
-every rest-of-line cut that gets a draft, the model checks the draft in one
-pass (`NativeBackend.draft_features`) and the draft is marked right when it is
-exactly the rest of the line. A logistic regression over those features gives
+Each DIR is a package the model never trained on. Every rest-of-line cut is
+drafted twice, as editors send it: with the package as the workspace folder (as
+`--repo-drafts` does: the evaluated files are left out of the index) and with
+the document alone (a file opened without a folder). For every draft, the model
+checks it in one pass (`NativeBackend.draft_features`) and the draft is marked
+right when it is exactly the rest of the line. The two settings draw drafts of
+different worth from the same evidence (a lone document offers fewer rivals), so
+a fit on one alone misrates the other. A logistic regression over those features gives
 `DraftCalibration`, written as drafts.json into the model directory, where the
 server reads it: every draft is kept whole with that probability as its
 confidence, so the suggestion gate (`minConfidence`) decides which are shown.
@@ -18,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from denoiser.drafts import DraftCalibration
+from fim.drafts import DraftIndex
 from fim.positions import position_at
 from lsp_server.settings import Settings
 from lsp_server.suggest import build_request, context_options, with_draft
@@ -26,6 +30,7 @@ from tools.evaluate import exact_match
 
 L2 = 0.1  # ridge on standardised weights: a few hundred examples, nine features
 GATE = Settings().min_confidence  # the default suggestion gate the fit is reported at
+SETTINGS = ("workspace", "document")  # a draft from the workspace folder's index, or from the document alone
 
 
 def collect(backend, engine, folders: list[Path], files: int, per_file: int, seed: int, log) -> list[dict]:
@@ -33,21 +38,24 @@ def collect(backend, engine, folders: list[Path], files: int, per_file: int, see
     rows = []
     options = context_options(Settings(), engine.max_context_tokens)
     for folder in folders:
-        index, examples = package_examples(folder, files, per_file, seed)
+        workspace, examples = package_examples(folder, files, per_file, seed)
         before = len(rows)
         for number, (path, text, cursor, expected) in enumerate(examples):
             line, character = position_at(text, cursor)
             document = f"fit:{path}:{number}"
-            request = build_request(text, line, character, path=path, language_id="python", options=options)
-            request = with_draft(request, index, text, line, character, document)
-            index.remove(document)
-            features = backend.draft_features(request, document)
-            backend.forget(document)
-            if features is not None:
-                rows.append({"package": folder.name, "features": features,
-                             "right": bool(exact_match(request.draft, expected))})
+            plain = build_request(text, line, character, path=path, language_id="python", options=options)
+            for setting, index in (("workspace", workspace), ("document", DraftIndex())):
+                request = with_draft(plain, index, text, line, character, document)
+                index.remove(document)
+                features = backend.draft_features(request, document)
+                backend.forget(document)
+                if features is not None:
+                    rows.append({"package": folder.name, "setting": setting, "features": features,
+                                 "right": bool(exact_match(request.draft, expected))})
         drafted = rows[before:]
-        log(f"{folder.name}: {len(examples)} cuts, {len(drafted)} drafted, {sum(r['right'] for r in drafted)} right")
+        counts = ", ".join(f"{s}: {sum(r['setting'] == s for r in drafted)} drafted, "
+                           f"{sum(r['right'] for r in drafted if r['setting'] == s)} right" for s in SETTINGS)
+        log(f"{folder.name}: {len(examples)} cuts; {counts}")
     return rows
 
 
@@ -110,15 +118,19 @@ def main(args, log) -> int:
         held = [r for r in rows if r["package"] == folder.name]
         if held and sum(r["right"] for r in rest) >= 3:
             others = fit(rest)
-            unseen += [(others.probability(r["features"]), r["right"]) for r in held]
+            unseen += [(r["setting"], others.probability(r["features"]), r["right"]) for r in held]
+    for setting in SETTINGS:
+        rated = [(p, right) for s, p, right in unseen if s == setting]
+        log(f"  {setting}, rated by fits on the other packages: {sum(p >= GATE for p, _ in rated)} of "
+            f"{len(rated)} drafts rated >= {GATE:g} (the default gate), right "
+            f"{precision_above(rated, GATE):.0%} of the time; {sum(right for _, right in rated)} right in all")
+    unseen = [(p, right) for _, p, right in unseen]
     shown_unseen = sum(p >= GATE for p, _ in unseen)
-    log(f"  rated by fits on the other packages: {shown_unseen} of {len(unseen)} drafts rated >= {GATE:g} "
-        f"(the default gate), right {precision_above(unseen, GATE):.0%} of the time; "
-        f"{sum(right for _, right in unseen)} right in all")
     calibration = fit(rows)
     kept, good = shown_and_right(calibration, rows)
     calibration = DraftCalibration(calibration.weights, calibration.bias, about={
         "packages": [f.name for f in folders], "drafts": len(rows), "right": right,
+        "drafts_by_setting": {s: sum(r["setting"] == s for r in rows) for s in SETTINGS},
         "rated_at_least_gate": kept, "rated_at_least_gate_right": good, "gate": GATE,
         "unseen_rated_at_least_gate": shown_unseen,
         "unseen_precision_at_gate": round(precision_above(unseen, GATE), 4),
