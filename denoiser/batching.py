@@ -25,6 +25,7 @@ CUDA graph. This module does not tokenize, build prompts or cache contexts.
 from __future__ import annotations
 
 import threading
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -280,6 +281,9 @@ class SpanBatcher:
         self._active: list[SpanJob] = []
         self._driving = False
         self._rows: dict[int, ContextRows] = {}
+        # Held around every step; the backend's prefill and draft checks take it too when they
+        # must take turns with the steps (`NativeBackend.take_turns`). By default nobody waits.
+        self.compute: AbstractContextManager = nullcontext()
 
     @property
     def pending(self) -> int:
@@ -378,7 +382,8 @@ class SpanBatcher:
             batch = list(self._active)
             self._cond.release()
             try:
-                finished = self._step(batch)
+                with self.compute:
+                    finished = self._step(batch)
             finally:
                 self._cond.acquire()
             for job in finished:

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -251,6 +251,18 @@ class NativeBackend:
         self.cpu_threads = configure_cpu_threads(threads)
         return self.cpu_threads
 
+    def take_turns(self, on: bool = True) -> None:
+        """Prefill, draft checks and span steps run one at a time (on) or overlap (off, the default).
+
+        A language server lets a new document's prefill run beside the batch's steps: two
+        threads, more cores. A replica held to one CPU's reservation must not: there, the
+        overlap only steals another replica's core. A CUDA device runs them on one stream
+        anyway (and its graph capture takes the cache lock inside a step): CPU only.
+        """
+        if on and self.device.type != "cpu":
+            raise ValueError(f"take_turns is for a CPU device, not {self.device}")
+        self.batcher.compute = threading.Lock() if on else nullcontext()
+
     def _use_threads(self) -> None:
         # Automatic: chosen again for every fill, so a job that starts beside the editor
         # costs the next completion threads, not a collapse (`cpu_threads_for`).
@@ -294,7 +306,7 @@ class NativeBackend:
             if is_cancelled():
                 raise Cancelled("cancelled while waiting for this document's turn")
             check = None
-            with self._cache_lock:
+            with self._cache_lock, self.batcher.compute:
                 slot = self.context_cache.prepare(document, ids)
                 if request.draft:
                     # Under the lock: no prefill (or graph capture) overlaps the scoring pass.
@@ -316,7 +328,7 @@ class NativeBackend:
             if grow:
                 # Simplest exact way to write on: the committed span becomes context
                 # (the model also learnt middle tokens causally), then a fresh span follows.
-                with self._cache_lock:
+                with self._cache_lock, self.batcher.compute:
                     if document in self.context_cache:
                         grown = self.context_cache.extend(document, middle)
                     else:  # evicted by other documents meanwhile: rebuild it (exact, just slower)
@@ -344,7 +356,7 @@ class NativeBackend:
         self._use_threads()
         ids = self.context_ids(request)
         draft_ids = self.tokenizer.encode(request.draft)
-        with self._document_turn(document), self._cache_lock:
+        with self._document_turn(document), self._cache_lock, self.batcher.compute:
             slot = self.context_cache.prepare(document, ids)
             check = check_draft(self.model, slot.kv, slot.length, span_bucket(request.span.max_tokens), draft_ids,
                                 banned_ids=self.batcher.banned, vocab_limit=self.tokenizer.vocab_size)

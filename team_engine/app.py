@@ -129,7 +129,8 @@ def build_application(options: EngineOptions, token_sha256: str):
             replica = serve.get_replica_context().replica_id.unique_id
             self.service = ReplicaService.load(opts.model, opts.device, threads=opts.threads, token_sha256=digest,
                                                replica=replica, documents=opts.documents_per_replica,
-                                               context_cache_mb=opts.context_cache_mb, max_batch=opts.max_batch_size)
+                                               context_cache_mb=opts.context_cache_mb, max_batch=opts.max_batch_size,
+                                               cpus=opts.actor_options()["num_cpus"])
             # A thread for every request the replica accepts: fills wait for their rows in the denoiser's batch.
             self.pool = ThreadPoolExecutor(max_workers=opts.max_ongoing_requests, thread_name_prefix="parafill-fill")
 

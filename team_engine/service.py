@@ -49,7 +49,8 @@ class ReplicaService:
 
     @classmethod
     def load(cls, model: str | None, device: str, *, threads: int, token_sha256: str | None, replica: str = "",
-             documents: int = 64, context_cache_mb: int = 512, max_batch: int | None = None) -> "ReplicaService":
+             documents: int = 64, context_cache_mb: int = 512, max_batch: int | None = None,
+             cpus: float | None = None) -> "ReplicaService":
         from denoiser.engine import Engine
         from denoiser.loading import load_backend
 
@@ -65,6 +66,11 @@ class ReplicaService:
         # The language server keeps typed-ahead and the completion cache: none here.
         engine = Engine(backend, cache_bytes=0, typed_ahead_bytes=0)
         engine.set_threads(threads)
+        # A prefill beside a step runs 2 x `threads` threads: on a CPU, only where the replica's
+        # CPU reservation (`cpus`, default `threads`) has room for both.
+        cpu = getattr(backend, "device", None) is not None and backend.device.type == "cpu"
+        if cpu and hasattr(backend, "take_turns") and 2 * threads > (cpus if cpus is not None else threads):
+            backend.take_turns()
         return cls(engine, token_sha256, replica)
 
     # --- the checks every request passes --------------------------------------------------

@@ -238,6 +238,54 @@ def test_native_backend_concurrent_documents_equal_serial(parafill_tiny_model):
     assert backend.batching_stats()["requests"] >= len(prefixes)
 
 
+
+@pytest.mark.parametrize("turns", [False, True])
+def test_taking_turns_holds_a_prefill_until_the_running_step_ends(parafill_tiny_model, turns):
+    """Off, a second document's prefill runs beside a step; on, it waits for the step and the answers stay."""
+    def req(prefix):
+        return FimRequest("# demo.py\n", prefix, "\n", SpanPlan("line", 16), language="python", path="demo.py")
+
+    backend = NativeBackend(parafill_tiny_model, "cpu")
+    reference = [backend.fill(req(p), DecodeSettings(), document=f"ref{i}").text
+                 for i, p in enumerate(["def add(a, b):\n    return", "import os\nfor x in"])]
+    backend.take_turns(turns)
+    stepping, release, prefilled = threading.Event(), threading.Event(), threading.Event()
+    step, prepare = backend.batcher._step, backend.context_cache.prepare
+
+    def held_step(batch):
+        stepping.set()
+        release.wait(30)
+        return step(batch)
+
+    def noted_prepare(document, ids):
+        slot = prepare(document, ids)
+        if document == "second":
+            prefilled.set()
+        return slot
+
+    backend.batcher._step, backend.context_cache.prepare = held_step, noted_prepare
+    results = {}
+    first = threading.Thread(target=lambda: results.update(a=backend.fill(
+        req("def add(a, b):\n    return"), DecodeSettings(), document="first")))
+    second = threading.Thread(target=lambda: results.update(b=backend.fill(
+        req("import os\nfor x in"), DecodeSettings(), document="second")))
+    first.start()
+    assert stepping.wait(30)
+    second.start()
+    assert prefilled.wait(1.0) is (not turns)
+    release.set()
+    first.join(60)
+    second.join(60)
+    assert prefilled.is_set() and [results["a"].text, results["b"].text] == reference
+
+
+def test_taking_turns_is_for_a_cpu():
+    class OnGpu:
+        device = torch.device("cuda")
+
+    with pytest.raises(ValueError, match="CPU"):
+        NativeBackend.take_turns(OnGpu())
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_step_equals_eager_step():

@@ -211,3 +211,12 @@ async def test_an_lsp_session_through_the_engine_and_through_its_outage(client: 
     assert (await parafill_lsp.inline(client, URI, 5, 14)).items
     back = [m for m in client.messages if "is back" in m.message]
     assert len(back) == 1 and back[0].type == types.MessageType.Info
+
+
+@pytest.mark.parametrize("threads, cpus, turns", [(1, None, True), (1, 2.0, False), (2, None, True), (2, 4.0, False)])
+def test_a_cpu_replica_takes_turns_unless_its_reservation_fits_a_prefill_beside_a_step(
+        parafill_tiny_model, threads, cpus, turns):
+    from team_engine.service import ReplicaService
+
+    service = ReplicaService.load(str(parafill_tiny_model), "cpu", threads=threads, token_sha256=None, cpus=cpus)
+    assert isinstance(service.engine.backend.batcher.compute, type(threading.Lock())) is turns
