@@ -119,6 +119,34 @@ def test_adapt_eval_writes_snapshots_per_budget_that_moved_the_weights(repo, tmp
     assert "mean gain" in capsys.readouterr().out
 
 
+def test_adapt_eval_with_workspace_drafts_scores_each_point_twice(repo, tmp_path, monkeypatch, capsys,
+                                                                   parafill_tiny_model):
+    monkeypatch.setattr(adapt_eval, "git_commit", lambda: "abc")
+    out = tmp_path / "adapt.json"
+    assert evaluate.main(["--adapt", str(repo), "--model", str(parafill_tiny_model), "--adapt-minutes", "0.01",
+                          "--adapt-tasks", "4", "--adapt-threads", "1", "--adapt-drafts", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["workspace_drafts"] is True
+    points = report["packages"]["shop"]["points"]
+    for point in points:
+        assert point["workspace"]["all"]["tasks"] == point["all"]["tasks"] == 8
+    gained = report["packages"]["shop"]["gain"]["0.01"]["workspace"]["all"]["exact_line"]
+    assert gained == pytest.approx(100 * (points[1]["workspace"]["all"]["exact_line"]
+                                          - points[0]["workspace"]["all"]["exact_line"]), abs=0.01)
+    assert "workspace" in report["mean_gain"]["0.01"]
+    assert "with the workspace's drafts" in capsys.readouterr().out
+
+
+def test_workspace_drafts_ride_along_only_with_the_workspace(repo, parafill_tiny_model):
+    """Held-out files repeat the kept files' shapes: with the workspace indexed, requests carry drafts."""
+    train, held = split_files(list(iter_repo_files(repo)))
+    tasks = [t for t in adapt_eval.held_out_tasks(held, 6, seed=0) if t.kind == "rest-of-line"]
+    plain = adapt_eval.complete_tasks(parafill_tiny_model, tasks, "shop", "plain")
+    drafted = adapt_eval.complete_tasks(parafill_tiny_model, tasks, "shop", "ws", workspace=train)
+    assert all(r["draft"] is None for r in plain)
+    assert sum(r["draft"] is not None for r in drafted) >= len(tasks) // 2
+
+
 def test_adapt_eval_refuses_a_missing_folder(tmp_path, capsys):
     assert evaluate.main(["--adapt", str(tmp_path / "nowhere")]) == 2
     assert "not a folder" in capsys.readouterr().err

@@ -100,24 +100,41 @@ def shown_at(found, min_confidence: float) -> bool:
     return found.text is not None and (found.confidence is None or found.confidence >= min_confidence)
 
 
-def complete_tasks(model_dir: Path, tasks: list[Task], package: str, label: str) -> list[dict]:
-    """Every task through `lsp_server.suggest` on a fresh engine of `model_dir`, one torch thread."""
+def workspace_index(package: str, files) -> "DraftIndex":
+    """The drafts index an editor builds with the package open as its workspace folder (`files`: those kept)."""
+    from fim.drafts import DraftIndex
+
+    index = DraftIndex()
+    for f in files:
+        index.update(f"{package}/{f.path}", f.text)
+    return index
+
+
+def complete_tasks(model_dir: Path, tasks: list[Task], package: str, label: str, workspace=None) -> list[dict]:
+    """Every task through `lsp_server.suggest` on a fresh engine of `model_dir`, one torch thread.
+
+    `workspace`: the files an editor would index from the package's folder (the kept
+    ones), so each request also carries the best draft from them or the document itself.
+    """
     from denoiser.engine import Engine
     from denoiser.native_backend import NativeBackend
 
     backend = NativeBackend(model_dir, device="cpu")
     backend.set_cpu_threads(1)
     engine = Engine(backend)
+    index = workspace_index(package, workspace) if workspace is not None else None
     rows = []
     for number, task in enumerate(tasks):
         document = f"adapt-eval:{package}:{label}:{number}"
         found = suggest(engine, task.document, task.line, task.character, document=document,
-                        path=f"{package}/{task.path}", language_id=task.language, settings=GATE_OFF)
+                        path=f"{package}/{task.path}", language_id=task.language, settings=GATE_OFF, drafts=index)
         engine.forget(document)
+        if index is not None:
+            index.remove(document)
         exact = found.text is not None and exact_match(found.text, task.expected)
         rows.append({"kind": task.kind, "exact": exact, "shown": found.text is not None,
                      "shown_default": shown_at(found, DEFAULT_GATE.min_confidence), "ms": found.total_ms,
-                     "steps": found.steps, "budget_cut": found.budget_cut})
+                     "steps": found.steps, "budget_cut": found.budget_cut, "draft": found.draft})
     return rows
 
 
@@ -134,6 +151,7 @@ def summarise(rows: list[dict]) -> dict:
         "latency_ms_p50": _round(percentile([r["ms"] for r in rows], 50)),
         "steps_per_request": round(sum(r["steps"] for r in rows) / n, 3),
         "budget_cuts": sum(r["budget_cut"] for r in rows),
+        "drafts": sum(r["draft"] is not None for r in rows),  # requests that carried a draft to the model
     }
 
 
@@ -208,12 +226,18 @@ def measure_package(folder: Path, base_dir: Path, minutes: list[float], args, lo
         f"{sum(t.kind == 'whole-line' for t in tasks)} whole-line tasks")
     untrained = {"minutes": 0, "training_s": 0.0, "cpu_s": 0.0, "cpu_share": None, "steps": 0, "tokens": 0,
                  "loss": None, "weight_change": 0.0}
-    points = [untrained | scored(complete_tasks(base_dir, tasks, name, "base"))]
+    def score(model_dir: Path, label: str) -> dict:
+        point = scored(complete_tasks(model_dir, tasks, name, label))
+        if args.adapt_drafts:
+            point["workspace"] = scored(complete_tasks(model_dir, tasks, name, f"{label}+ws", workspace=train))
+        return point
+
+    points = [untrained | score(base_dir, "base")]
     log(f"  before: {_brief(points[0])}")
     with tempfile.TemporaryDirectory(prefix="parafill-adapt-eval-") as scratch:
         for snapshot in adapt_snapshots(base_dir, train, minutes, Path(scratch), args, log):
             model_dir = snapshot.pop("model_dir")
-            points.append(snapshot | scored(complete_tasks(model_dir, tasks, name, f"{snapshot['minutes']:g}")))
+            points.append(snapshot | score(model_dir, f"{snapshot['minutes']:g}"))
             log(f"  after {snapshot['minutes']:g} min: {_brief(points[-1])}")
     return {"path": str(folder), "files": len(files), "train_files": len(train),
             "train_chars": sum(len(f.text) for f in train), "held_out_files": sorted(f.path for f in held),
@@ -222,19 +246,26 @@ def measure_package(folder: Path, base_dir: Path, minutes: list[float], args, lo
 
 
 def gain(before: dict, after: dict) -> dict:
-    """Points (percentage points) gained, per kind of task, on the metrics the target names."""
+    """Points (percentage points) gained, per kind of task, on the metrics the target names
+    (under "workspace", the same with the package's kept files indexed for drafts)."""
     out = {}
     for kind in ("all",) + KINDS:
         a, b = after[kind], before[kind]
         out[kind] = {m: round(100 * ((a[m] or 0.0) - (b[m] or 0.0)), 2)
                      for m in ("exact_line", "shown_default", "exact_line_default", "precision_default")}
+    if "workspace" in after:
+        out["workspace"] = gain(before["workspace"], after["workspace"])
     return out
 
 
 def _brief(point: dict) -> str:
-    return "  ".join(f"{kind} exact {100 * point[kind]['exact_line']:.1f}% shown@gate "
-                     f"{100 * point[kind]['shown_default']:.1f}%" for kind in KINDS) + \
-        f"  p50 {point['all']['latency_ms_p50']} ms"
+    text = "  ".join(f"{kind} exact {100 * point[kind]['exact_line']:.1f}% shown@gate "
+                     f"{100 * point[kind]['shown_default']:.1f}%" for kind in KINDS)
+    if "workspace" in point:
+        ws = point["workspace"]["all"]
+        text += (f"  | with workspace drafts: exact {100 * ws['exact_line']:.1f}% "
+                 f"exact@gate {100 * ws['exact_line_default']:.1f}% shown@gate {100 * ws['shown_default']:.1f}%")
+    return text + f"  p50 {point['all']['latency_ms_p50']} ms"
 
 
 def describe_machine() -> dict:
@@ -276,7 +307,8 @@ def run(args, log) -> dict:
         "options": {"minutes": minutes, "tasks_per_kind": args.adapt_tasks, "seed": args.seed, "lr": args.adapt_lr},
         "settings": {"gate_off": {"min_confidence": GATE_OFF.min_confidence},
                      "default_gate": {"min_confidence": DEFAULT_GATE.min_confidence},
-                     "latency_budget_ms": latency_budget_ms(DEFAULT_GATE, "cpu"), "repo_drafts": False},
+                     "latency_budget_ms": latency_budget_ms(DEFAULT_GATE, "cpu"), "repo_drafts": False,
+                     "workspace_drafts": bool(args.adapt_drafts)},
         "method": [
             "split: tools.adapt.split_files (the command's), training on the kept files, tasks from the files set aside",
             ("one adaptation run per package up to the largest budget; a snapshot (int8, as the command saves it) "
@@ -286,6 +318,9 @@ def run(args, log) -> dict:
             ("every task: one request through lsp_server.suggest with minConfidence 0, a fresh document, "
              "no drafts from the package; the default gate applies the server's rule (shown when the model's "
              "confidence is at least the default minConfidence) to the same answer"),
+            ("with --adapt-drafts, every task once more as an editor with the package's folder open asks it: "
+             "repoDrafts on, the kept files (those trained on) and the document itself indexed for drafts "
+             "(\"workspace\" in each point and gain)"),
             "a fresh engine per point; latency under the server's CPU latency budget",
         ],
         "packages": {},
@@ -293,10 +328,24 @@ def run(args, log) -> dict:
     started = time.perf_counter()
     for folder in folders:
         report["packages"][folder.name] = measure_package(folder.resolve(), base_dir, minutes, args, log)
-    report["mean_gain"] = {
-        f"{m:g}": {metric: round(sum(p["gain"][f"{m:g}"]["all"][metric] for p in report["packages"].values())
-                                 / len(report["packages"]), 2) for metric in ("exact_line", "shown_default")}
-        for m in minutes}
+    packages = report["packages"].values()
+
+    def mean(m: float, metric: str, *where: str) -> float:
+        values = []
+        for p in packages:
+            g = p["gain"][f"{m:g}"]
+            for key in where:
+                g = g[key]
+            values.append(g["all"][metric])
+        return round(sum(values) / len(values), 2)
+
+    report["mean_gain"] = {f"{m:g}": {metric: mean(m, metric) for metric in ("exact_line", "shown_default")}
+                           for m in minutes}
+    if args.adapt_drafts:
+        for m in minutes:
+            report["mean_gain"][f"{m:g}"]["workspace"] = {
+                metric: mean(m, metric, "workspace")
+                for metric in ("exact_line", "shown_default", "exact_line_default")}
     report["seconds"] = round(time.perf_counter() - started, 1)
     return report
 
@@ -308,8 +357,10 @@ def format_summary(report: dict) -> str:
     for name, package in report["packages"].items():
         before = package["points"][0]
         for point in package["points"]:
-            for kind in ("all",) + KINDS:
-                now, then = point[kind], before[kind]
+            lines = [(kind, point[kind], before[kind]) for kind in ("all",) + KINDS]
+            if "workspace" in point:
+                lines.append(("all+drafts", point["workspace"]["all"], before["workspace"]["all"]))
+            for kind, now, then in lines:
                 precision = "-" if now["precision_default"] is None else f"{100 * now['precision_default']:.1f}"
                 rows.append(f"{name:<14}{point['minutes']:>6g}{point['steps']:>7}  {kind:<13}"
                             f"{100 * now['exact_line']:>6.1f}%{100 * (now['exact_line'] - then['exact_line']):>+7.1f}"
@@ -319,6 +370,11 @@ def format_summary(report: dict) -> str:
     mean = ", ".join(f"{m} min: exact {g['exact_line']:+.1f}, shown {g['shown_default']:+.1f}"
                      for m, g in report["mean_gain"].items())
     rows.append(f"mean gain over packages, points (all tasks): {mean}")
+    with_drafts = ", ".join(f"{m} min: exact {g['workspace']['exact_line']:+.1f}, exact at the gate "
+                            f"{g['workspace']['exact_line_default']:+.1f}, shown {g['workspace']['shown_default']:+.1f}"
+                            for m, g in report["mean_gain"].items() if "workspace" in g)
+    if with_drafts:
+        rows.append(f"the same with the workspace's drafts: {with_drafts}")
     return "\n".join(rows)
 
 
@@ -337,6 +393,9 @@ def write_plot(report: dict, path: Path) -> None:
             ax.plot(xs, ys, marker="o", label=name)
         xs = [0.0] + [float(m) for m in report["mean_gain"]]
         ax.plot(xs, [0.0] + [g[metric] for g in report["mean_gain"].values()], "k--", label="mean")
+        if all("workspace" in g for g in report["mean_gain"].values()):
+            ax.plot(xs, [0.0] + [g["workspace"][metric] for g in report["mean_gain"].values()], "k:", marker="s",
+                    label="mean, with workspace drafts")
         if metric == "exact_line":
             ax.axhline(5, color="grey", linewidth=0.8, linestyle=":")
         ax.axhline(0, color="grey", linewidth=0.5)

@@ -367,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapt-tasks", type=int, default=150,
                         help="rest-of-line and as many whole-line tasks per package (--adapt)")
     parser.add_argument("--adapt-threads", type=int, default=2, help="torch threads while training (--adapt)")
+    parser.add_argument("--adapt-drafts", action="store_true",
+                        help="also score every point with the package's kept files indexed for drafts, as an "
+                             "editor with the folder open asks (--adapt)")
     parser.add_argument("--adapt-lr", type=float, default=None,
                         help="learning rate (--adapt; default: parafill adapt's)")
     return parser
