@@ -150,3 +150,20 @@ def test_workspace_drafts_ride_along_only_with_the_workspace(repo, parafill_tiny
 def test_adapt_eval_refuses_a_missing_folder(tmp_path, capsys):
     assert evaluate.main(["--adapt", str(tmp_path / "nowhere")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_snapshots_keep_the_base_model_s_draft_calibration(repo, tmp_path, parafill_tiny_model):
+    """As `parafill adapt` does: an adapted model decides drafts as its base does."""
+    import argparse
+    import shutil
+
+    from denoiser.drafts import DraftCalibration
+
+    base = tmp_path / "base"
+    shutil.copytree(parafill_tiny_model, base)
+    DraftCalibration({name: 0.5 for name in DraftCalibration.FEATURES}, -1.0).save(base)
+    train, _ = split_files(list(iter_repo_files(repo)))
+    args = argparse.Namespace(adapt_threads=1, adapt_lr=3e-3, seed=0)
+    snapshots = adapt_eval.adapt_snapshots(base, train, [0.01], tmp_path / "snaps", args, lambda _: None)
+    kept = DraftCalibration.load(snapshots[0]["model_dir"])
+    assert kept is not None and kept.bias == -1.0 and kept.weights["next_line"] == 0.5

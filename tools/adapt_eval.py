@@ -178,12 +178,14 @@ def adapt_snapshots(base_dir: Path, train_files, minutes: list[float], scratch: 
     import torch
 
     from denoiser.checkpoint import TOKENIZER, load_native_model
+    from denoiser.drafts import DraftCalibration
     from denoiser.tokenizer import CodeTokenizer
     from training.adapt import Adapter
     from training.export import save_native_model
 
     torch.set_num_threads(args.adapt_threads)
     model, _, _ = load_native_model(base_dir, torch.device("cpu"))
+    calibration = DraftCalibration.load(base_dir)
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     tokenizer = base_dir / TOKENIZER
     adapter = Adapter(model, CodeTokenizer.load(tokenizer), [(f.path, f.language, f.text) for f in train_files],
@@ -204,6 +206,8 @@ def adapt_snapshots(base_dir: Path, train_files, minutes: list[float], scratch: 
                 "the machine is busy and these minutes are worth less than yours")
         folder = scratch / f"{budget:g}min"
         save_native_model(model, tokenizer, folder, int8=True, card=f"# snapshot at {budget:g} minutes\n")
+        if calibration is not None:  # as `parafill adapt` does: drafts are trusted as with the base model
+            calibration.save(folder)
         snapshots.append({"minutes": budget, "training_s": round(trained, 1), "cpu_s": round(cpu, 1),
                           "cpu_share": round(share, 3), "steps": adapter.steps, "tokens": adapter.tokens,
                           "loss": round(losses[-1], 4), "weight_change": round(weight_change(model, base), 6),
