@@ -68,8 +68,8 @@ class ReplicaService:
         engine.set_threads(threads)
         # A prefill beside a step runs 2 x `threads` threads: on a CPU, only where the replica's
         # CPU reservation (`cpus`, default `threads`) has room for both.
-        cpu = getattr(backend, "device", None) is not None and backend.device.type == "cpu"
-        if cpu and hasattr(backend, "take_turns") and 2 * threads > (cpus if cpus is not None else threads):
+        if (hasattr(backend, "take_turns") and backend.device.type == "cpu"
+                and 2 * threads > (cpus if cpus is not None else threads)):
             backend.take_turns()
         return cls(engine, token_sha256, replica)
 

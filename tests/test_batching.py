@@ -238,7 +238,6 @@ def test_native_backend_concurrent_documents_equal_serial(parafill_tiny_model):
     assert backend.batching_stats()["requests"] >= len(prefixes)
 
 
-
 @pytest.mark.parametrize("turns", [False, True])
 def test_taking_turns_holds_a_prefill_until_the_running_step_ends(parafill_tiny_model, turns):
     """Off, a second document's prefill runs beside a step; on, it waits for the step and the answers stay."""
@@ -285,6 +284,7 @@ def test_taking_turns_is_for_a_cpu():
 
     with pytest.raises(ValueError, match="CPU"):
         NativeBackend.take_turns(OnGpu())
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

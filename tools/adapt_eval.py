@@ -100,16 +100,6 @@ def shown_at(found, min_confidence: float) -> bool:
     return found.text is not None and (found.confidence is None or found.confidence >= min_confidence)
 
 
-def workspace_index(package: str, files) -> "DraftIndex":
-    """The drafts index an editor builds with the package open as its workspace folder (`files`: those kept)."""
-    from fim.drafts import DraftIndex
-
-    index = DraftIndex()
-    for f in files:
-        index.update(f"{package}/{f.path}", f.text)
-    return index
-
-
 def complete_tasks(model_dir: Path, tasks: list[Task], package: str, label: str, workspace=None) -> list[dict]:
     """Every task through `lsp_server.suggest` on a fresh engine of `model_dir`, one torch thread.
 
@@ -118,6 +108,7 @@ def complete_tasks(model_dir: Path, tasks: list[Task], package: str, label: str,
     """
     from denoiser.engine import Engine
     from denoiser.native_backend import NativeBackend
+    from tools.draft_eval import workspace_index
 
     backend = NativeBackend(model_dir, device="cpu")
     backend.set_cpu_threads(1)
@@ -230,6 +221,7 @@ def measure_package(folder: Path, base_dir: Path, minutes: list[float], args, lo
         f"{sum(t.kind == 'whole-line' for t in tasks)} whole-line tasks")
     untrained = {"minutes": 0, "training_s": 0.0, "cpu_s": 0.0, "cpu_share": None, "steps": 0, "tokens": 0,
                  "loss": None, "weight_change": 0.0}
+
     def score(model_dir: Path, label: str) -> dict:
         point = scored(complete_tasks(model_dir, tasks, name, label))
         if args.adapt_drafts:
@@ -334,13 +326,9 @@ def run(args, log) -> dict:
         report["packages"][folder.name] = measure_package(folder.resolve(), base_dir, minutes, args, log)
     packages = report["packages"].values()
 
-    def mean(m: float, metric: str, *where: str) -> float:
-        values = []
-        for p in packages:
-            g = p["gain"][f"{m:g}"]
-            for key in where:
-                g = g[key]
-            values.append(g["all"][metric])
+    def mean(m: float, metric: str, part: str | None = None) -> float:
+        gains = [p["gain"][f"{m:g}"] for p in packages]
+        values = [(g[part] if part else g)["all"][metric] for g in gains]
         return round(sum(values) / len(values), 2)
 
     report["mean_gain"] = {f"{m:g}": {metric: mean(m, metric) for metric in ("exact_line", "shown_default")}

@@ -23,15 +23,20 @@ from lsp_server.suggest import suggest
 from tools.evaluate import exact_match, percentile, rest_of_line_cut
 
 
+def workspace_index(package: str, files) -> DraftIndex:
+    """The drafts index an editor builds with `package` open as its workspace folder (`files`: those indexed)."""
+    index = DraftIndex()
+    for f in files:
+        index.update(f"{package}/{f.path}", f.text)
+    return index
+
+
 def package_examples(root: Path, files: int, per_file: int, seed: int):
     """(index of the other files, examples [(path, document text, cursor, expected)])."""
     code = [f for f in iter_repo_files(root) if f.language == "python"]
     rng = random.Random(seed)
     chosen = set(rng.sample(range(len(code)), min(files, len(code))))
-    index = DraftIndex()
-    for i, found in enumerate(code):
-        if i not in chosen:
-            index.update(f"{root.name}/{found.path}", found.text)
+    index = workspace_index(root.name, [found for i, found in enumerate(code) if i not in chosen])
     examples = []
     for i in sorted(chosen):
         text = code[i].text
