@@ -374,6 +374,7 @@ class Engine:
                 "fallbacks": counts["fallbacks"],
                 "budget_cuts": counts["budget_cuts"],
                 "threads": getattr(self.backend, "cpu_threads", None),
+                "compiled_steps": self.backend.compiled_steps() if hasattr(self.backend, "compiled_steps") else None,
                 # The sums behind context_kv_reuse, so a client can tell what one request reused.
                 "context_tokens": {"total": context, "reused": self._reused_context_tokens},
                 "steps_per_request": round(self._model_steps / counts["model"], 3) if counts["model"] else None,

@@ -139,10 +139,15 @@ class SpanDenoiser(nn.Module):
         self.cpu_inference: CpuInference | None = None
 
     def prepare_cpu_inference(self, matmul_dtype: torch.dtype = torch.float32, *,
-                              screen_head: bool | None = None) -> "CpuInference":
+                              screen_head: bool | None = None, compiled: bool = False) -> "CpuInference":
         """Run prefill and span steps on CPU tensors through a `CpuInference` from now on. Its
-        weights are taken from the model now; in-place changes to them are noticed."""
+        weights are taken from the model now; in-place changes to them are noticed. `compiled`:
+        span steps also compile in the background (denoiser/cpu_compile.py)."""
         self.cpu_inference = CpuInference(self, matmul_dtype, screen_head=screen_head)
+        if compiled:
+            from denoiser.cpu_compile import CompiledCpuStep
+
+            self.cpu_inference.compiled = CompiledCpuStep(self, self.cpu_inference)
         return self.cpu_inference
 
     def _cpu_inference_for(self, ids: Tensor, kv: KVBuffers) -> "CpuInference | None":
@@ -151,7 +156,8 @@ class SpanDenoiser(nn.Module):
             return None
         if cpu.stale(self):  # weights changed in place, or moved: prepare again from what they are now
             try:
-                cpu = self.prepare_cpu_inference(cpu.matmul_dtype, screen_head=cpu.screen_head is not None)
+                cpu = self.prepare_cpu_inference(cpu.matmul_dtype, screen_head=cpu.screen_head is not None,
+                                                 compiled=cpu.compiled is not None)
             except ValueError:  # no longer fp32 weights on the CPU: the fused-op path serves
                 cpu = self.cpu_inference = None
         return cpu
@@ -368,9 +374,11 @@ class CpuInference:
         self.n_heads, self.head_dim, self.eps = config.n_heads, config.head_dim, config.norm_eps
         self.embed = model.embed.weight.detach()
         half = config.head_dim // 2
-        # Rotary tables repeat their first half (rotate-half convention): one half is enough.
-        self.cos = model.rotary.cos[:, :half].contiguous()
-        self.sin = model.rotary.sin[:, :half].contiguous()
+        # Rotary tables repeat their first half (rotate-half convention): per position, cos for both
+        # halves of a head and (-sin, sin), so that one addcmul rotates them ([positions, 2, D/2]).
+        cos, sin = model.rotary.cos[:, :half], model.rotary.sin[:, :half]
+        self.cos = torch.stack((cos, cos), dim=1)
+        self.sin = torch.stack((-sin, sin), dim=1)
 
         def layers(dtype):
             return [(block.attn_norm.weight.detach(), CpuLinear(block.qkv.weight, dtype),
@@ -391,6 +399,7 @@ class CpuInference:
         self.screen_head = CpuLinear(model.embed.weight * LOG2_E, torch.bfloat16) if screen_head else None
         self._head_bias: dict[tuple, Tensor] = {}
         self._per_thread = threading.local()  # each thread's head buffers (`_head_rows`)
+        self.compiled = None  # a `cpu_compile.CompiledCpuStep` for span steps, when asked for
 
     def stale(self, model: "SpanDenoiser") -> bool:
         """True once the model's weights changed in place or moved since this was made
@@ -410,12 +419,8 @@ class CpuInference:
             qkv = qkv_proj(self._norm(x, attn_norm))
             # q and k heads side by side, each as its two rotary halves: [B, T, 2H, 2, D/2].
             halves = qkv[..., :2 * d].view(b, t, 2 * h, 2, half)
-            x1, x2 = halves[..., 0, :], halves[..., 1, :]
-            rotated = torch.empty((b, t, 2 * h, 2, half), dtype=torch.float32)
-            r1, r2 = rotated[..., 0, :], rotated[..., 1, :]
-            torch.mul(x1, cos, out=r1).addcmul_(x2, sin, value=-1.0)  # x1 cos - x2 sin
-            torch.mul(x2, cos, out=r2).addcmul_(x1, sin)  # x2 cos + x1 sin
-            rotated = rotated.view(b, t, 2 * h, dh)
+            # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin): `cos` holds cos twice, `sin` holds (-sin, sin).
+            rotated = torch.addcmul(halves * cos, halves.flip(-2), sin).view(b, t, 2 * h, dh)
             # [B, H, T, D] views of [B, T, H, D] memory: the attention's output keeps that order.
             q, k = rotated[:, :, :h].transpose(1, 2), rotated[:, :, h:].transpose(1, 2)
             v = qkv[..., 2 * d:].view(b, t, h, dh).transpose(1, 2).float()
@@ -443,6 +448,10 @@ class CpuInference:
     @torch.no_grad()
     def hidden(self, span_ids: Tensor, kv: KVBuffers, ctx_len: int | Tensor) -> Tensor:
         """`SpanDenoiser.span_hidden`: [B, L, d] fp32."""
+        if self.compiled is not None:
+            hidden = self.compiled.hidden(span_ids, kv, ctx_len)
+            if hidden is not None:  # None: this shape is not compiled (yet)
+                return hidden
         b, n = span_ids.shape
         if isinstance(ctx_len, Tensor):
             positions = ctx_len.to(dtype=torch.long).view(-1, 1) + torch.arange(n)
@@ -481,7 +490,7 @@ class CpuInference:
             raise ValueError(f"vocab_limit must be positive, got {vocab_limit}")
         x = self._norm(hidden.reshape(-1, dm), self.final_norm)
         bias = self._bias(self.embed.shape[0], banned_ids, vocab_limit)
-        parts = [self._head_rows(x[start:start + HEAD_ROWS], bias) for start in range(0, x.shape[0], HEAD_ROWS)]
+        parts = [self._rows(x[start:start + HEAD_ROWS], bias) for start in range(0, x.shape[0], HEAD_ROWS)]
         if len(parts) == 1:
             token, confidence = parts[0]
         elif parts:
@@ -489,6 +498,11 @@ class CpuInference:
         else:
             token, confidence = torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.float32)
         return token.view(lead), confidence.view(lead)
+
+    def _rows(self, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+        """`_head_rows`, compiled where it is ready."""
+        compiled = self.compiled.head(x, bias) if self.compiled is not None else None
+        return compiled if compiled is not None else self._head_rows(x, bias)
 
     def _head_rows(self, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
         """Token and confidence for at most HEAD_ROWS normalised rows x [N, d].

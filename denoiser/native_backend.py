@@ -22,6 +22,7 @@ from denoiser.backend import Cancelled, DecodeSettings, FillResult, resolve_devi
 from denoiser.batching import DEFAULT_MAX_BATCH, SpanBatcher
 from denoiser.checkpoint import load_native_model
 from denoiser.context_layout import context_ids
+from denoiser.cpu_compile import resolve_cpu_compile
 from denoiser.drafts import DraftCalibration, check_draft
 from denoiser.kv_cache import ContextKVCache
 from denoiser.model import cpu_has_native_bf16
@@ -178,6 +179,7 @@ class NativeBackend:
         max_batch: int = DEFAULT_MAX_BATCH,
         cuda_graphs: bool | None = None,
         cpu_precision: str | None = None,
+        cpu_compile: str | None = None,
         progress: Callable[[str, int], None] | None = None,
     ):
         self.model_dir = Path(model_dir)
@@ -193,12 +195,16 @@ class NativeBackend:
         self.model, self.tokenizer, self.config = load_native_model(self.model_dir, self.device, self.dtype)
         # Prefill and span steps on a CPU (fp32 weights) run on `CpuInference`, the steps in the precision
         # chosen here (None: a GPU, or the reference ops). Prefill and the context cache stay fp32 in every one.
+        # Those span steps also compile in the background where a C++ compiler is found (cpu_compile.py).
         self.cpu_precision = None
+        self.cpu_compiled = False
         if self.device.type == "cpu" and self.dtype == torch.float32:
             self.cpu_precision = resolve_cpu_precision(cpu_precision)
             if self.cpu_precision != "reference":
                 matmul = torch.bfloat16 if self.cpu_precision == "bf16" else torch.float32
-                self.model.prepare_cpu_inference(matmul, screen_head=self.cpu_precision == "bf16")
+                self.cpu_compiled = resolve_cpu_compile(cpu_compile)
+                self.model.prepare_cpu_inference(matmul, screen_head=self.cpu_precision == "bf16",
+                                                 compiled=self.cpu_compiled)
         self.name = self.model_dir.name
         self.parameters = sum(p.numel() for p in self.model.parameters())
         # How far a draft from the user's code can be trusted with this model (None: the plain check).
@@ -271,6 +277,19 @@ class NativeBackend:
         if torch.get_num_threads() != count:
             torch.set_num_threads(count)
 
+    def compiled_steps(self) -> dict | None:
+        """What of the CPU span steps runs compiled: span shapes as "rows x span tokens @ threads",
+        the output head's thread counts, and why compiling stopped if it failed; None where steps
+        are not compiled (cpu_compile.py)."""
+        cpu = self.model.cpu_inference
+        compiled = cpu.compiled if cpu is not None else None
+        if compiled is None:
+            return None
+        jobs = sorted(compiled.ready)
+        return {"shapes": [f"{rows}x{span}@{threads}" for name, rows, span, threads in
+                           (job for job in jobs if job[0] == "hidden")],
+                "head": [job[1] for job in jobs if job[0] == "head"], "failed": compiled.disabled}
+
     def moved_to(self, device: str | torch.device) -> "NativeBackend":
         """The same model directory on another device (the engine's fallback after a CUDA fault)."""
         moved = NativeBackend(
@@ -282,6 +301,7 @@ class NativeBackend:
             max_context_tokens=self.max_context_tokens,
             max_batch=self.batcher.max_batch,
             cpu_precision=self.cpu_precision,
+            cpu_compile=None if self.cpu_compiled else "off",
         )
         moved.set_cpu_threads(self.threads_setting)
         return moved

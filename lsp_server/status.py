@@ -81,6 +81,8 @@ def status_report(
             # Answers the latency budget stopped early (a hole-free start of the model's answer).
             "budgetCuts": engine.get("budget_cuts", 0),
             "threads": engine.get("threads"),
+            # CPU span steps compiled in the background: the shapes ready so far (null: not compiling).
+            "compiledSteps": engine.get("compiled_steps"),
             # Context tokens of the model's answers, and how many of them came from the K/V cache.
             "contextTokens": engine.get("context_tokens") or {"total": 0, "reused": 0},
             "lastError": engine.get("last_error"),

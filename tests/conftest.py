@@ -21,6 +21,9 @@ from tools.bench import plain_json as _plain
 # CI has 2 cores and many tests start a server process: one torch thread each
 # keeps them from fighting over the cores (set before anything imports torch).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Compiling span steps takes seconds of CPU per shape in the background; tests/test_cpu_compile.py
+# turns it on where it is the subject.
+os.environ.setdefault("PARAFILL_CPU_COMPILE", "off")
 
 REPO = Path(__file__).resolve().parents[1]
 

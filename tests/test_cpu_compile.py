@@ -1,0 +1,145 @@
+"""CPU span steps compiled in the background (denoiser/cpu_compile.py): the same hidden states as
+the uncompiled pass, for any cached context length; nothing compiled on a caller's thread; eager
+steps whenever a shape is not ready or compiling failed."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from denoiser.cpu_compile import resolve_cpu_compile, unavailable_reason
+from denoiser.native_backend import NativeBackend
+from tests.test_model_cpu_inference import BANNED, VOCAB, filled_kv, make_model, span_ids
+
+
+def eager_hidden(cpu, span, kv, ctx_len):
+    compiled, cpu.compiled = cpu.compiled, None
+    try:
+        return cpu.hidden(span, kv, ctx_len)
+    finally:
+        cpu.compiled = compiled
+
+
+def test_the_setting_and_what_turns_it_off(monkeypatch, tmp_path):
+    monkeypatch.delenv("PARAFILL_CPU_COMPILE")
+    assert resolve_cpu_compile("off") is False
+    monkeypatch.setenv("PARAFILL_CPU_COMPILE", "off")
+    assert resolve_cpu_compile() is False
+    monkeypatch.setenv("PARAFILL_CPU_COMPILE", "sometimes")
+    with pytest.raises(ValueError, match="PARAFILL_CPU_COMPILE"):
+        resolve_cpu_compile()
+    # "auto" compiles only where a C++ compiler can be found.
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert "C++ compiler" in unavailable_reason()
+    assert resolve_cpu_compile("auto") is False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_steps_give_the_uncompiled_hidden_states(dtype):
+    model = make_model()
+    kv = filled_kv(model, rows=2, length=40, capacity=64)
+    cpu = model.prepare_cpu_inference(dtype, compiled=True)
+    span = span_ids(2, 24)
+    assert cpu.compiled.compile_now(2, 24), cpu.compiled.disabled
+    tolerance = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.15, "rtol": 0.05}
+    for ctx_len in (40, 17, torch.tensor([40, 23])):
+        got = model.span_hidden(span, kv, ctx_len)
+        torch.testing.assert_close(got, eager_hidden(cpu, span, kv, ctx_len), **tolerance)
+    # Another document's cache has another capacity: the same compiled shape serves it.
+    wider = filled_kv(model, rows=2, length=40, capacity=192)
+    torch.testing.assert_close(model.span_hidden(span, wider, 40), eager_hidden(cpu, span, kv, 40), **tolerance)
+    assert ("hidden", 2, 24, torch.get_num_threads()) in cpu.compiled.ready
+    assert len([job for job in cpu.compiled.ready if job[0] == "hidden"]) == 1
+
+
+def test_a_new_shape_runs_eagerly_while_it_compiles_in_the_background():
+    model = make_model()
+    kv = filled_kv(model)
+    cpu = model.prepare_cpu_inference(torch.float32, compiled=True)
+    span = span_ids(1, 16)
+    assert cpu.compiled.hidden(span, kv, 40) is None  # not compiled yet: the caller runs the eager pass
+    torch.testing.assert_close(model.span_hidden(span, kv, 40), eager_hidden(cpu, span, kv, 40))
+    assert cpu.compiled.wait(timeout=300)
+    assert cpu.compiled.ready == {("hidden", 1, 16, torch.get_num_threads())} and cpu.compiled.disabled is None
+    compiled = cpu.compiled.hidden(span, kv, 40)
+    torch.testing.assert_close(compiled, eager_hidden(cpu, span, kv, 40), atol=1e-4, rtol=1e-4)
+    # Compiled loops keep the thread count of their compile: another count is another graph.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert cpu.compiled.hidden(span, kv, 40) is None
+        assert cpu.compiled.wait(timeout=300)
+        assert ("hidden", 1, 16, threads + 1) in cpu.compiled.ready
+        torch.testing.assert_close(cpu.compiled.hidden(span, kv, 40), compiled)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_compiled_head_picks_the_eager_heads_tokens():
+    model = make_model(3, scale=2.0)  # near-ties, as the eager screen's own test
+    cpu = model.prepare_cpu_inference(torch.bfloat16, screen_head=True, compiled=True)
+    assert cpu.compiled.compile_now(1, 8), cpu.compiled.disabled
+    bias = cpu._bias(VOCAB, BANNED, 90)
+    g = torch.Generator().manual_seed(11)
+    for rows in (2, 7, 32):
+        x = torch.randn(rows, model.config.d_model, generator=g)
+        tokens, confidence = cpu.compiled.head(x, bias)
+        want_tokens, want_confidence = cpu._head_rows(x, bias)
+        assert torch.equal(tokens, want_tokens)
+        torch.testing.assert_close(confidence, want_confidence, atol=1e-3, rtol=0)
+    # One row, or more than the head's chunk, runs eagerly: never a compile on the caller's thread.
+    assert cpu.compiled.head(torch.randn(1, model.config.d_model), bias) is None
+    assert cpu.compiled.head(torch.randn(33, model.config.d_model), bias) is None
+    span = span_ids(1, 8)
+    kv = filled_kv(model)
+    tokens, _ = model.span_tokens(span, kv, 40, banned_ids=BANNED, vocab_limit=90)
+    assert not torch.isin(tokens, BANNED).any() and (tokens < 90).all()
+
+
+FAILING_COMPILER = """
+import json, torch
+from tests.test_cpu_compile import eager_hidden
+from tests.test_model_cpu_inference import filled_kv, make_model, span_ids
+model = make_model(5)
+kv = filled_kv(model)
+cpu = model.prepare_cpu_inference(torch.float32, compiled=True)
+span = span_ids(1, 20)
+compiled = cpu.compiled.compile_now(1, 20)
+queued = cpu.compiled.hidden(span, kv, 40)
+finished = cpu.compiled.wait(timeout=5)
+same = torch.equal(model.span_hidden(span, kv, 40), eager_hidden(cpu, span, kv, 40))
+print(json.dumps({"compiled": compiled, "disabled": cpu.compiled.disabled, "queued": queued is not None,
+                  "finished": finished, "ready": len(cpu.compiled.ready), "same": same}))
+"""
+
+
+def test_a_compiler_failure_leaves_the_eager_pass_serving(tmp_path):
+    # Its own process: a compiler setting, once failed, stays with the process that tried it.
+    env = {**os.environ, "CXX": "/nonexistent/c++", "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run([sys.executable, "-c", FAILING_COMPILER], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert not result["compiled"] and result["disabled"]
+    # Nothing more is queued once compiling failed, and the eager pass serves.
+    assert not result["queued"] and result["finished"] and result["ready"] == 0 and result["same"]
+
+
+def test_a_cpu_backend_compiles_what_it_serves(parafill_tiny_model, monkeypatch):
+    from denoiser.backend import DecodeSettings
+    from fim.request import FimRequest, SpanPlan
+
+    backend = NativeBackend(parafill_tiny_model, "cpu", cpu_precision="fp32", cpu_compile="auto")
+    assert backend.cpu_compiled and backend.compiled_steps() == {"shapes": [], "head": [], "failed": None}
+    request = FimRequest("", "def add(a, b):\n    return ", "\n", SpanPlan("line", 8), language="python")
+    first = backend.fill(request, DecodeSettings(steps=4))
+    assert backend.model.cpu_inference.compiled.wait(timeout=300)
+    assert backend.compiled_steps()["shapes"]  # the shape the fill used, compiled meanwhile
+    second = backend.fill(request, DecodeSettings(steps=4))
+    assert second.text == first.text
+    assert NativeBackend(parafill_tiny_model, "cpu", cpu_compile="off").compiled_steps() is None
