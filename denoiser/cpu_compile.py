@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 # two thread counts (each graph's loops are compiled for the thread count of its compile).
 MAX_GRAPHS = 12
 SETTINGS = ("auto", "off")
+# freezing: weights folded in as constants and packed once; one compile thread: no worker pool
+# beside the server; a C++ wrapper: the graph's kernels called from C++, not Python, per step.
+INDUCTOR_OPTIONS = {"freezing": True, "compile_threads": 1, "cpp_wrapper": True}
 
 
 def _span_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_span: Tensor, v_span: Tensor,
@@ -259,7 +262,7 @@ class CompiledCpuStep:
                 self._compiled[name] = torch.compile(self._modules[name], fullgraph=True,
                                                      options={"guard_filter_fn": _guards_to_keep})
             with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=self.max_graphs), \
-                    inductor_config.patch(freezing=True, compile_threads=1):
+                    inductor_config.patch(INDUCTOR_OPTIONS):
                 if name == "head":
                     self._head(torch.zeros(HEAD_ROWS, c.d_model), torch.zeros(c.vocab_size))
                 else:

@@ -233,7 +233,9 @@ def random_context(backend, length: int, seed: int = 0) -> list[int]:
 
 # --- denoiser and autoregressive throughput -------------------------------------------------
 def step_timer(backend, context_len: int, span_len: int, batch: int):
-    """A function running one denoising step (the product's step runner) for `batch` rows."""
+    """A function running one denoising step (the product's step runner) for `batch` rows, its
+    context K/V, and whether the step runs compiled: where the backend compiles CPU steps, this
+    shape is compiled first (a server does it in the background, after the shape's first step)."""
     import torch
 
     from denoiser.batching import EagerStep, StepState
@@ -261,6 +263,8 @@ def step_timer(backend, context_len: int, span_len: int, batch: int):
     )
     if not isinstance(runner, EagerStep) and not runner.pooled_when_alone:
         runner = EagerStep()
+    compiled = getattr(getattr(model, "cpu_inference", None), "compiled", None)
+    compiled = compiled is not None and compiled.compile_now(batch, span_len)
 
     def step():
         state.masked.fill_(True)
@@ -268,7 +272,7 @@ def step_timer(backend, context_len: int, span_len: int, batch: int):
         state.live.fill_(True)
         runner(model, state, kv, batch, backend.batcher.banned, backend.batcher.vocab_limit)
 
-    return step, kv
+    return step, kv, compiled
 
 
 def weight_bytes(model, matrix_dtype=None) -> int:
@@ -302,7 +306,7 @@ def bench_denoiser(backend, plan: Plan, bandwidth_gbps: float, rates: dict[str, 
     rows = []
     for span_len in plan.spans:
         for batch in plan.batches:
-            step, _ = step_timer(backend, ctx, span_len, batch)
+            step, _, compiled = step_timer(backend, ctx, span_len, batch)
             seconds = timed(step, backend.device, plan.step_reps)
             read = weights + batch * kv_bytes(config, ctx, element)
             parts = span_step_flop_parts(config, batch, ctx, span_len)
@@ -314,7 +318,8 @@ def bench_denoiser(backend, plan: Plan, bandwidth_gbps: float, rates: dict[str, 
                 at_model_dtype = {f"bound_{model_dtype}_ms": round(bound_model * 1000, 4),
                                   f"x_bound_{model_dtype}": round(seconds / bound_model, 2)}
             rows.append({
-                "span": span_len, "batch": batch, "context": ctx, "step_ms": round(seconds * 1000, 4),
+                "span": span_len, "batch": batch, "context": ctx, "compiled": compiled,
+                "step_ms": round(seconds * 1000, 4),
                 # The step's arithmetic, the time it takes at the measured matmul rates, how far off that it is.
                 "gflop": round(flops / 1e9, 4), "bound_ms": round(bound * 1000, 4), "x_bound": round(seconds / bound, 2),
                 **at_model_dtype,
@@ -411,7 +416,7 @@ def bench_context_scaling(backend, plan: Plan) -> dict:
             skipped.append({"context": ctx, "reason": f"the model has {config.max_positions} positions "
                             f"(rotary tables and training); {ctx} context + {span} span tokens do not fit"})
             continue
-        step, kv = step_timer(backend, ctx, span, 1)
+        step, kv, _ = step_timer(backend, ctx, span, 1)
         seconds = timed(step, backend.device, max(1, plan.step_reps // 3))
         ids = __import__("torch").tensor([random_context(backend, ctx)], device=backend.device)
         sync(backend.device)
@@ -740,7 +745,7 @@ def run(model_dir: Path, args: argparse.Namespace, plan: Plan) -> dict:
         "device": {**describe_device(device), "bandwidth": bandwidth},
         "model": {"dir": str(model_dir), "parameters": backend.parameters, "dtype": str(backend.dtype).replace("torch.", ""),
                   "config": backend.config.to_json(), "step_runner": type(backend.batcher.step_runner).__name__,
-                  "cpu_precision": backend.cpu_precision},
+                  "cpu_precision": backend.cpu_precision, "cpu_compiled": backend.cpu_compiled},
     }
     report["device"]["matmul"] = matmul_rate(device, backend.dtype)
     rates = {report["device"]["matmul"]["dtype"]: report["device"]["matmul"]}
