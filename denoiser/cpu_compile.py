@@ -1,32 +1,39 @@
-"""CPU span steps compiled by torch's inductor, in the background.
+"""CPU span steps compiled ahead of time by torch's inductor, in a background process.
 
 Run op by op, a span step on a CPU spends about a third of its time between its
 matmuls: some twenty small ops per layer (norms, rotary, residual adds, the gated
 MLP's elementwise work) on [span, 256] tensors, each a few microseconds of
 dispatch, and a dozen passes over [span, vocabulary] logits in the output head.
-Compiled, those fuse into a few C++ loops and the matmuls run on weights packed
-once (inductor's freezing). The attention stays `kernels.span_attention_cpu`,
-called through a custom op the compiler does not look into, so the cached
-context may have any length without a new compile.
+Compiled (AOTInductor), those fuse into a few C++ loops run by a C++ wrapper, and
+the matmuls run on weights packed once. The attention stays
+`kernels.span_attention_cpu`, an op of its own the compiler calls as it is, so the
+cached context may have any length without a new compile.
 
-Compiling takes seconds per shape (batch rows x span bucket), so it never runs on
-a request's path: the first step of a shape runs eagerly and queues the shape,
-one background thread at the lowest OS priority compiles it (and the output head,
-once), and later steps run compiled. Any failure (no C++ compiler, an inductor
-error) turns compilation off, logged once, and the eager passes serve on.
+Compiling takes half a minute per shape (rows x span bucket x thread count), so it
+never runs on a request's path, nor in the server's process, whose threads it
+would hold up (the compiler is Python and keeps the GIL): the first step of a
+shape runs eagerly and queues the shape; a child process at the lowest OS priority
+compiles it into a package under `~/.cache/parafill/compiled/<weights hash>/`; the
+server loads the package (milliseconds) and later steps run it. The next start
+finds the packages there. Any failure (no C++ compiler, an inductor error) turns
+compilation off for the model, logged once, and the eager passes serve on.
 
 Same maths as `CpuInference.hidden` and `CpuInference._head_rows`, up to
 rounding. Must not compile on a caller's thread (`compile_now` aside, for
-benchmarks and tests), nor call a compiled graph with inputs it was not compiled
-for (that would recompile right there).
+benchmarks and tests).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import queue
 import shutil
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +48,12 @@ log = logging.getLogger(__name__)
 # two thread counts (each graph's loops are compiled for the thread count of its compile).
 MAX_GRAPHS = 12
 SETTINGS = ("auto", "off")
-# freezing: weights folded in as constants and packed once; one compile thread: no worker pool
-# beside the server; a C++ wrapper: the graph's kernels called from C++, not Python, per step.
-INDUCTOR_OPTIONS = {"freezing": True, "compile_threads": 1, "cpp_wrapper": True}
+# freezing: weights folded in as constants and packed once; one compile thread: the child keeps
+# to its one low-priority process.
+INDUCTOR_OPTIONS = {"freezing": True, "compile_threads": 1}
+# Bumped when what a package holds changes: packages of another format are compiled again.
+PACKAGE_FORMAT = 1
+COMPILE_TIMEOUT_S = 900
 
 
 def _span_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_span: Tensor, v_span: Tensor,
@@ -113,7 +123,8 @@ class _SpanPass(nn.Module):
         for block in model.blocks:
             self.norms.extend([nn.Parameter(block.attn_norm.weight.detach(), requires_grad=False),
                                nn.Parameter(block.mlp_norm.weight.detach(), requires_grad=False)])
-            self.linears.extend(_Linear(w.weight.detach().to(dtype)) for w in (block.qkv, block.out, block.gate_up, block.down))
+            self.linears.extend(_Linear(linear.weight.detach().to(dtype))
+                                for linear in (block.qkv, block.out, block.gate_up, block.down))
 
     def forward(self, span_ids: Tensor, k_cache: Tensor, v_cache: Tensor, cos: Tensor, sin: Tensor,
                 ctx_len: Tensor) -> Tensor:
@@ -147,25 +158,25 @@ class _ScreenedHead(nn.Module):
 
 
 class CompiledCpuStep:
-    """A CPU span step's body (`CpuInference.hidden`, per rows x span length) and output head
-    (`CpuInference._head_rows`, when screened in bf16), compiled in the background.
+    """A CPU span step's body (`CpuInference.hidden`, per rows x span length x threads) and output
+    head (`CpuInference._head_rows`, when screened in bf16, per thread count), compiled by child
+    processes and loaded when ready.
 
     Call `hidden` and `head` as the eager passes; they answer None while what they would run is
-    not compiled yet for this shape and thread count (and queue it), or once compiling failed
-    (`disabled` says why). Compiled: `ready`, jobs ("hidden", rows, span, threads) and
-    ("head", threads).
+    not compiled yet (and queue it), when the inputs are laid out otherwise than compiled for, or
+    once compiling failed (`disabled` says why). Ready: `ready`, jobs ("hidden", rows, span,
+    threads) and ("head", threads).
     """
 
     def __init__(self, model, cpu, *, max_graphs: int = MAX_GRAPHS):
         self.cpu = cpu
-        self.config = model.config
+        self.model = model
         self.max_graphs = max_graphs
-        self._modules = {"hidden": _SpanPass(model, cpu, cpu.matmul_dtype).eval()}
-        if cpu.screen_head is not None:
-            self._modules["head"] = _ScreenedHead(model).eval()
-        self._compiled: dict[str, object] = {}  # made by the first compile: importing the compiler takes a second
+        self.screened = cpu.screen_head is not None
         self.ready: set[tuple] = set()
         self.disabled: str | None = None
+        self._runners: dict[tuple, object] = {}
+        self._folder: Path | None = None  # the weights' folder in the cache, made by the first job
         self._queued: set = set()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -174,29 +185,36 @@ class CompiledCpuStep:
     def hidden(self, span_ids: Tensor, kv, ctx_len: int | Tensor) -> Tensor | None:
         rows, span = span_ids.shape
         job = ("hidden", rows, span, torch.get_num_threads())
-        if job not in self.ready:
+        runner = self._runners.get(job)
+        if runner is None:
             self._request(job)
             return None
-        if kv.k.shape[3] < 2:  # a dynamic size of 0 or 1 would not pass the compiled graph's guards
+        k, v = kv.k[:, :rows], kv.v[:, :rows]
+        # Compiled for whole, contiguous caches of at least two positions (rows of a larger
+        # batch tensor are strided otherwise).
+        if k.shape[3] < 2 or not (k.is_contiguous() and v.is_contiguous() and span_ids.is_contiguous()):
             return None
-        return self._hidden(span_ids, kv.k[:, :rows], kv.v[:, :rows], ctx_len)
+        lens, cos, sin = _rotary_inputs(self.cpu, rows, span, ctx_len)
+        return runner.run([span_ids, k, v, cos, sin, lens])[0]
 
     def head(self, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor] | None:
-        if "head" not in self._modules:
+        if not self.screened:
             return None
         job = ("head", torch.get_num_threads())
-        if job not in self.ready:
+        runner = self._runners.get(job)
+        if runner is None:
             self._request(job)
             return None
-        if not 2 <= x.shape[0] <= HEAD_ROWS:  # the row counts the head was compiled for
+        if not 2 <= x.shape[0] <= HEAD_ROWS or not x.is_contiguous():  # what the head was compiled for
             return None
-        return self._head(x, bias)
+        token, confidence = runner.run([x, bias])
+        return token, confidence
 
     def compile_now(self, rows: int, span: int) -> bool:
-        """Compile one shape and the head on this thread, for its thread count (benchmarks,
-        tests); True once both are ready."""
+        """Compile (or load) one shape and the head on this thread, for its thread count
+        (benchmarks, tests); True once both are ready."""
         threads = torch.get_num_threads()
-        jobs = [("hidden", rows, span, threads)] + ([("head", threads)] if "head" in self._modules else [])
+        jobs = [("hidden", rows, span, threads)] + ([("head", threads)] if self.screened else [])
         for job in jobs:
             self._compile(job)
         return all(job in self.ready for job in jobs)
@@ -210,26 +228,7 @@ class CompiledCpuStep:
         worker.join(timeout)
         return not worker.is_alive()
 
-    def _hidden(self, span_ids: Tensor, k: Tensor, v: Tensor, ctx_len: int | Tensor) -> Tensor:
-        rows, span = span_ids.shape
-        if isinstance(ctx_len, Tensor):
-            lens = ctx_len.to(dtype=torch.int32).view(rows)
-        else:
-            lens = torch.full((rows,), ctx_len, dtype=torch.int32)
-        positions = lens.view(rows, 1).long() + torch.arange(span)
-        cos, sin = self.cpu.cos[positions].unsqueeze(2), self.cpu.sin[positions].unsqueeze(2)
-        # The context's capacity varies by document: one graph serves every capacity.
-        torch._dynamo.mark_dynamic(k, 3)
-        torch._dynamo.mark_dynamic(v, 3)
-        with torch.no_grad():
-            return self._compiled["hidden"](span_ids, k, v, cos, sin, lens)
-
-    def _head(self, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-        torch._dynamo.mark_dynamic(x, 0)  # one graph for any number of rows still masked
-        with torch.no_grad():
-            return self._compiled["head"](x, bias)
-
-    def _request(self, job) -> None:
+    def _request(self, job: tuple) -> None:
         with self._lock:
             if self.disabled or job in self._queued or len(self._queued) >= self.max_graphs:
                 return
@@ -240,58 +239,129 @@ class CompiledCpuStep:
                 self._worker.start()
 
     def _work(self) -> None:
-        try:  # the lowest priority: a user's completions keep the cores while this compiles
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (AttributeError, OSError):
-            pass
         while (job := self._queue.get()) is not None:
             self._compile(job)
 
     def _compile(self, job: tuple) -> None:
-        """Compile a job (see `ready`) by running it once on zeros, at its thread count."""
+        """Load the job's package, compiling it in a child process first if the cache lacks it."""
         if self.disabled or job in self.ready:
             return
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_inductor_cache()))
-        c = self.config
         try:
-            import torch._inductor.config as inductor_config
-
-            name = job[0]
-            torch.set_num_threads(job[-1])  # this thread's count: what the compiled loops will use
-            if name not in self._compiled:
-                self._compiled[name] = torch.compile(self._modules[name], fullgraph=True,
-                                                     options={"guard_filter_fn": _guards_to_keep})
-            with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=self.max_graphs), \
-                    inductor_config.patch(INDUCTOR_OPTIONS):
-                if name == "head":
-                    self._head(torch.zeros(HEAD_ROWS, c.d_model), torch.zeros(c.vocab_size))
-                else:
-                    # The cached context's length is dynamic: a small one compiles for all.
-                    rows, span = job[1:3]
-                    kv = torch.zeros((c.n_layers, rows, c.n_heads, 64, c.head_dim))
-                    self._hidden(torch.zeros((rows, span), dtype=torch.long), kv, kv.clone(), 16)
+            package = self._package(job)
+            if not package.exists():
+                self._run_child(job, package)
+            runner = torch._C._aoti.AOTIModelPackageLoader(str(package), "model", False, 1, -1)
         except Exception as exc:  # never lose an answer to a compiler problem: eager serves on
-            self.disabled = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            self.disabled = f"{type(exc).__name__}: {exc}".strip().splitlines()[-1][:300]
             log.warning("compiling the CPU span step failed, it runs uncompiled from now on: %s", self.disabled)
             return
+        self._runners[job] = runner
         self.ready.add(job)
         log.info("compiled the CPU span step's %s for %s", job[0], ", ".join(map(str, job[1:])))
 
+    def _package(self, job: tuple) -> Path:
+        if self._folder is None:
+            self._folder = _weights_folder(self.model, self.cpu.matmul_dtype, self.screened)
+        name = f"hidden-{job[1]}x{job[2]}" if job[0] == "hidden" else "head"
+        return self._folder / f"{name}-t{job[-1]}.pt2"
 
-# The guards a compiled step keeps: its inputs' dtypes and shapes, which module's frozen weights
-# it holds (parameter identity), the shapes' ranges, and the global state (grad mode and the
-# thread count its loops were compiled for). Dropped: guards on this private module's structure
-# and the functions it calls, which never change; checked on every call they cost about as much
-# as the head's elementwise work.
-_KEPT_GUARDS = {"TENSOR_MATCH", "ID_MATCH", "SHAPE_ENV", "GLOBAL_STATE", "GRAD_MODE"}
+    def _run_child(self, job: tuple, package: Path) -> None:
+        log_path = package.with_suffix(".log")
+        root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+               "TORCHINDUCTOR_CACHE_DIR": str(package.parent.parent / "inductor"), "PARAFILL_CPU_COMPILE": "off"}
+        with open(log_path, "w", encoding="utf-8") as log_file:
+            done = subprocess.run(
+                [sys.executable, "-m", "denoiser.cpu_compile", str(package.parent), json.dumps(list(job))],
+                check=False, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                timeout=COMPILE_TIMEOUT_S, preexec_fn=_lowest_priority if os.name == "posix" else None)
+        if done.returncode != 0 or not package.exists():
+            text = log_path.read_text(encoding="utf-8", errors="replace")
+            lines = [line for line in text.splitlines() if line.strip()]
+            raise RuntimeError(lines[-1] if lines else f"the compiler process exited with {done.returncode}")
+        log_path.unlink()
 
 
-def _guards_to_keep(entries) -> list[bool]:
-    return [entry.guard_type in _KEPT_GUARDS and (entry.guard_type != "ID_MATCH" or isinstance(entry.value, nn.Parameter))
-            for entry in entries]
+def _rotary_inputs(cpu, rows: int, span: int, ctx_len: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The span pass's context lengths [rows] and rotary tables [rows, span, 1, 2, D/2]."""
+    if isinstance(ctx_len, Tensor):
+        lens = ctx_len.to(dtype=torch.int32).reshape(rows).contiguous()
+    else:
+        lens = torch.full((rows,), ctx_len, dtype=torch.int32)
+    positions = lens.view(rows, 1).long() + torch.arange(span)
+    return lens, cpu.cos[positions].unsqueeze(2), cpu.sin[positions].unsqueeze(2)
 
 
-def _inductor_cache():
+def _lowest_priority() -> None:
+    os.nice(19)  # the child compiles while a user's completions keep the cores
+
+
+def _weights_folder(model, dtype: torch.dtype, screened: bool) -> Path:
+    """The cache folder of these weights and settings, with what a child process needs to build
+    the model again (config.json, spec.json, weights.safetensors)."""
+    from safetensors.torch import save_file
+
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    spec = {"dtype": str(dtype).replace("torch.", ""), "screened": screened, "format": PACKAGE_FORMAT,
+            "torch": torch.__version__}
+    digest = hashlib.sha256(json.dumps([model.config.to_json(), spec], sort_keys=True).encode())
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].numpy().tobytes())
+    folder = _compiled_cache() / digest.hexdigest()[:24]
+    if not (folder / "weights.safetensors").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(model.config.to_json()), encoding="utf-8")
+        (folder / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
+        partial = folder / f"weights.{os.getpid()}.partial"
+        save_file(state, str(partial))
+        os.replace(partial, folder / "weights.safetensors")
+    return folder
+
+
+def _compiled_cache() -> Path:
     from denoiser.adapted import cache_dir
 
     return cache_dir() / "compiled"
+
+
+def _compile_in_this_process(folder: Path, job: tuple) -> None:
+    """The child's work: build the model from `folder`, export the job's module with its dynamic
+    sizes, and compile it into the job's package (written whole or not at all)."""
+    import torch._inductor
+    from safetensors.torch import load_file
+
+    from denoiser.config import ModelConfig
+    from denoiser.model import CpuInference, SpanDenoiser
+
+    spec = json.loads((folder / "spec.json").read_text(encoding="utf-8"))
+    config = ModelConfig.from_json(json.loads((folder / "config.json").read_text(encoding="utf-8")))
+    model = SpanDenoiser(config)
+    model.load_state_dict(load_file(str(folder / "weights.safetensors")))
+    model.eval()
+    cpu = CpuInference(model, getattr(torch, spec["dtype"]), screen_head=spec["screened"])
+    torch.set_num_threads(job[-1])  # the compiled loops keep this count
+    if job[0] == "head":
+        module = _ScreenedHead(model).eval()
+        rows = torch.export.Dim("rows", min=2, max=HEAD_ROWS)
+        args = (torch.zeros(HEAD_ROWS, config.d_model), torch.zeros(config.vocab_size))
+        dynamic = ({0: rows}, {})
+        package = folder / f"head-t{job[-1]}.pt2"
+    else:
+        _, rows, span, threads = job
+        module = _SpanPass(model, cpu, cpu.matmul_dtype).eval()
+        capacity = torch.export.Dim("capacity", min=2, max=config.max_positions)
+        kv = torch.zeros((config.n_layers, rows, config.n_heads, 64, config.head_dim))
+        lens, cos, sin = _rotary_inputs(cpu, rows, span, 16)
+        args = (torch.zeros((rows, span), dtype=torch.long), kv, kv.clone(), cos, sin, lens)
+        dynamic = ({}, {3: capacity}, {3: capacity}, {}, {}, {})
+        package = folder / f"hidden-{rows}x{span}-t{threads}.pt2"
+    with torch.no_grad():
+        exported = torch.export.export(module, args, dynamic_shapes=dynamic)
+        partial = package.with_name(f"{package.stem}.{os.getpid()}.partial.pt2")
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(partial), inductor_configs=INDUCTOR_OPTIONS)
+    os.replace(partial, package)
+
+
+if __name__ == "__main__":
+    _compile_in_this_process(Path(sys.argv[1]), tuple(json.loads(sys.argv[2])))
