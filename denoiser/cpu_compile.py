@@ -9,14 +9,16 @@ the matmuls run on weights packed once. The attention stays
 `kernels.span_attention_cpu`, an op of its own the compiler calls as it is, so the
 cached context may have any length without a new compile.
 
-Compiling takes half a minute per shape (rows x span bucket x thread count), so it
-never runs on a request's path, nor in the server's process, whose threads it
-would hold up (the compiler is Python and keeps the GIL): the first step of a
-shape runs eagerly and queues the shape; a child process at the lowest OS priority
-compiles it into a package under `~/.cache/parafill/compiled/<weights hash>/`; the
-server loads the package (milliseconds) and later steps run it. The next start
-finds the packages there. Any failure (no C++ compiler, an inductor error) turns
-compilation off for the model, logged once, and the eager passes serve on.
+Compiling takes half a minute per shape (batch rows x thread count; the span
+length is dynamic), so it never runs on a request's path, nor in the server's
+process, whose threads it would hold up (the compiler is Python and keeps the
+GIL): the first step of a shape runs eagerly and queues the shape; a child
+process at the lowest OS priority compiles it into a package under
+`~/.cache/parafill/compiled/<weights hash>/`; the server loads the package
+(milliseconds) and later steps run it. The next start finds the packages there.
+Packages hold the layers' bf16 weights, not the fp32 embedding (an input). Any
+failure (no C++ compiler, an inductor error) turns compilation off for the model,
+logged once, and the eager passes serve on.
 
 Same maths as `CpuInference.hidden` and `CpuInference._head_rows`, up to
 rounding. Must not compile on a caller's thread (`compile_now` aside, for
@@ -54,6 +56,8 @@ INDUCTOR_OPTIONS = {"freezing": True, "compile_threads": 1}
 # Bumped when what a package holds changes: packages of another format are compiled again.
 PACKAGE_FORMAT = 1
 COMPILE_TIMEOUT_S = 900
+# Models whose packages the cache keeps (about 30 MB each): the base model and a few adapted ones.
+KEPT_MODELS = 6
 
 
 def _span_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_span: Tensor, v_span: Tensor,
@@ -112,12 +116,12 @@ class _Linear(nn.Module):
 
 
 class _SpanPass(nn.Module):
-    """`CpuInference.hidden` as a module, its weights as parameters (what freezing packs)."""
+    """`CpuInference.hidden` after the embedding, as a module, its layers' weights as parameters
+    (what freezing packs). The embedding stays out: a package holds no fp32 copy of it."""
 
     def __init__(self, model, cpu, dtype: torch.dtype):
         super().__init__()
         self.blocks_of = cpu._blocks
-        self.embed = nn.Parameter(model.embed.weight.detach(), requires_grad=False)
         self.norms = nn.ParameterList()
         self.linears = nn.ModuleList()
         for block in model.blocks:
@@ -126,7 +130,7 @@ class _SpanPass(nn.Module):
             self.linears.extend(_Linear(linear.weight.detach().to(dtype))
                                 for linear in (block.qkv, block.out, block.gate_up, block.down))
 
-    def forward(self, span_ids: Tensor, k_cache: Tensor, v_cache: Tensor, cos: Tensor, sin: Tensor,
+    def forward(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, cos: Tensor, sin: Tensor,
                 ctx_len: Tensor) -> Tensor:
         n, lin = self.norms, self.linears
         layers = [(n[2 * i], lin[4 * i], lin[4 * i + 1], n[2 * i + 1], lin[4 * i + 2], lin[4 * i + 3])
@@ -135,22 +139,21 @@ class _SpanPass(nn.Module):
         def attend(layer, q, k, v):
             return torch.ops.parafill.span_attention_cpu(q, k_cache[layer], v_cache[layer], k, v, ctx_len)
 
-        return self.blocks_of(F.embedding(span_ids, self.embed), layers, cos, sin, attend)
+        return self.blocks_of(x, layers, cos, sin, attend)
 
 
 class _ScreenedHead(nn.Module):
-    """`CpuInference._head_rows` with the bf16 screen, over normalised rows x [N, d] (N dynamic)."""
+    """`CpuInference._head_rows` with the bf16 screen, over normalised rows x [N, d] (N dynamic).
+    The fp32 embedding it rescores with is an input: a package holds no copy of it."""
 
     def __init__(self, model):
         super().__init__()
-        embed = model.embed.weight.detach()
-        self.screen = _Linear((embed * LOG2_E).to(torch.bfloat16))
-        self.embed = nn.Parameter(embed, requires_grad=False)
+        self.screen = _Linear((model.embed.weight.detach() * LOG2_E).to(torch.bfloat16))
 
-    def forward(self, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, bias: Tensor, embed: Tensor) -> tuple[Tensor, Tensor]:
         logits = self.screen(x).float() + bias
         candidates = top_ids(logits, HEAD_CANDIDATES).sort(dim=-1).values  # ties: the lowest id
-        exact = (self.embed[candidates] * x.unsqueeze(1)).sum(-1) * LOG2_E + bias[candidates]
+        exact = (embed[candidates] * x.unsqueeze(1)).sum(-1) * LOG2_E + bias[candidates]
         best, at = exact.max(dim=-1)
         token = candidates.gather(-1, at.unsqueeze(-1)).squeeze(-1)
         logits = logits.scatter(-1, candidates, exact)
@@ -164,8 +167,8 @@ class CompiledCpuStep:
 
     Call `hidden` and `head` as the eager passes; they answer None while what they would run is
     not compiled yet (and queue it), when the inputs are laid out otherwise than compiled for, or
-    once compiling failed (`disabled` says why). Ready: `ready`, jobs ("hidden", rows, span,
-    threads) and ("head", threads).
+    once compiling failed (`disabled` says why). Ready: `ready`, jobs ("hidden", rows, threads)
+    (any span length) and ("head", threads).
     """
 
     def __init__(self, model, cpu, *, max_graphs: int = MAX_GRAPHS):
@@ -184,7 +187,7 @@ class CompiledCpuStep:
 
     def hidden(self, span_ids: Tensor, kv, ctx_len: int | Tensor) -> Tensor | None:
         rows, span = span_ids.shape
-        job = ("hidden", rows, span, torch.get_num_threads())
+        job = ("hidden", rows, torch.get_num_threads())
         runner = self._runners.get(job)
         if runner is None:
             self._request(job)
@@ -192,10 +195,10 @@ class CompiledCpuStep:
         k, v = kv.k[:, :rows], kv.v[:, :rows]
         # Compiled for whole, contiguous caches of at least two positions (rows of a larger
         # batch tensor are strided otherwise).
-        if k.shape[3] < 2 or not (k.is_contiguous() and v.is_contiguous() and span_ids.is_contiguous()):
+        if k.shape[3] < 2 or span < 2 or not (k.is_contiguous() and v.is_contiguous()):
             return None
         lens, cos, sin = _rotary_inputs(self.cpu, rows, span, ctx_len)
-        return runner.run([span_ids, k, v, cos, sin, lens])[0]
+        return runner.run([F.embedding(span_ids, self.cpu.embed), k, v, cos, sin, lens])[0]
 
     def head(self, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor] | None:
         if not self.screened:
@@ -207,14 +210,14 @@ class CompiledCpuStep:
             return None
         if not 2 <= x.shape[0] <= HEAD_ROWS or not x.is_contiguous():  # what the head was compiled for
             return None
-        token, confidence = runner.run([x, bias])
+        token, confidence = runner.run([x, bias, self.cpu.embed])
         return token, confidence
 
     def compile_now(self, rows: int, span: int) -> bool:
-        """Compile (or load) one shape and the head on this thread, for its thread count
-        (benchmarks, tests); True once both are ready."""
+        """Compile (or load) the pass for `rows` and the head on this thread, for its thread count
+        (benchmarks, tests); True once both are ready. (`span`: the span lengths are dynamic.)"""
         threads = torch.get_num_threads()
-        jobs = [("hidden", rows, span, threads)] + ([("head", threads)] if self.screened else [])
+        jobs = [("hidden", rows, threads)] + ([("head", threads)] if self.screened else [])
         for job in jobs:
             self._compile(job)
         return all(job in self.ready for job in jobs)
@@ -262,7 +265,7 @@ class CompiledCpuStep:
     def _package(self, job: tuple) -> Path:
         if self._folder is None:
             self._folder = _weights_folder(self.model, self.cpu.matmul_dtype, self.screened)
-        name = f"hidden-{job[1]}x{job[2]}" if job[0] == "hidden" else "head"
+        name = f"hidden-{job[1]}" if job[0] == "hidden" else "head"
         return self._folder / f"{name}-t{job[-1]}.pt2"
 
     def _run_child(self, job: tuple, package: Path) -> None:
@@ -310,6 +313,7 @@ def _weights_folder(model, dtype: torch.dtype, screened: bool) -> Path:
         digest.update(state[name].numpy().tobytes())
     folder = _compiled_cache() / digest.hexdigest()[:24]
     if not (folder / "weights.safetensors").exists():
+        prune_compiled(_compiled_cache(), KEPT_MODELS - 1)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(model.config.to_json()), encoding="utf-8")
         (folder / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
@@ -317,6 +321,15 @@ def _weights_folder(model, dtype: torch.dtype, screened: bool) -> Path:
         save_file(state, str(partial))
         os.replace(partial, folder / "weights.safetensors")
     return folder
+
+
+def prune_compiled(cache: Path, keep: int) -> None:
+    """Remove all but the `keep` most recently made weights' folders under `cache` (models
+    adapted again and again would otherwise pile up packages)."""
+    folders = sorted((p for p in cache.glob("*") if (p / "spec.json").exists()),
+                     key=lambda p: p.stat().st_mtime, reverse=True)
+    for folder in folders[keep:]:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _compiled_cache() -> Path:
@@ -344,18 +357,19 @@ def _compile_in_this_process(folder: Path, job: tuple) -> None:
     if job[0] == "head":
         module = _ScreenedHead(model).eval()
         rows = torch.export.Dim("rows", min=2, max=HEAD_ROWS)
-        args = (torch.zeros(HEAD_ROWS, config.d_model), torch.zeros(config.vocab_size))
-        dynamic = ({0: rows}, {})
+        args = (torch.zeros(HEAD_ROWS, config.d_model), torch.zeros(config.vocab_size), model.embed.weight.detach())
+        dynamic = ({0: rows}, {}, {})
         package = folder / f"head-t{job[-1]}.pt2"
     else:
-        _, rows, span, threads = job
+        _, rows, threads = job
         module = _SpanPass(model, cpu, cpu.matmul_dtype).eval()
         capacity = torch.export.Dim("capacity", min=2, max=config.max_positions)
+        span = torch.export.Dim("span", min=2, max=config.max_positions)
         kv = torch.zeros((config.n_layers, rows, config.n_heads, 64, config.head_dim))
-        lens, cos, sin = _rotary_inputs(cpu, rows, span, 16)
-        args = (torch.zeros((rows, span), dtype=torch.long), kv, kv.clone(), cos, sin, lens)
-        dynamic = ({}, {3: capacity}, {3: capacity}, {}, {}, {})
-        package = folder / f"hidden-{rows}x{span}-t{threads}.pt2"
+        lens, cos, sin = _rotary_inputs(cpu, rows, 16, 16)
+        args = (torch.zeros((rows, 16, config.d_model)), kv, kv.clone(), cos, sin, lens)
+        dynamic = ({1: span}, {3: capacity}, {3: capacity}, {1: span}, {1: span}, {})
+        package = folder / f"hidden-{rows}-t{threads}.pt2"
     with torch.no_grad():
         exported = torch.export.export(module, args, dynamic_shapes=dynamic)
         partial = package.with_name(f"{package.stem}.{os.getpid()}.partial.pt2")

@@ -278,7 +278,7 @@ class NativeBackend:
             torch.set_num_threads(count)
 
     def compiled_steps(self) -> dict | None:
-        """What of the CPU span steps runs compiled: span shapes as "rows x span tokens @ threads",
+        """What of the CPU span steps runs compiled: the body as "rows@threads" (any span length),
         the output head's thread counts, and why compiling stopped if it failed; None where steps
         are not compiled (cpu_compile.py)."""
         cpu = self.model.cpu_inference
@@ -286,8 +286,7 @@ class NativeBackend:
         if compiled is None:
             return None
         jobs = sorted(compiled.ready)
-        return {"shapes": [f"{rows}x{span}@{threads}" for name, rows, span, threads in
-                           (job for job in jobs if job[0] == "hidden")],
+        return {"shapes": [f"{job[1]}@{job[2]}" for job in jobs if job[0] == "hidden"],
                 "head": [job[1] for job in jobs if job[0] == "head"], "failed": compiled.disabled}
 
     def moved_to(self, device: str | torch.device) -> "NativeBackend":

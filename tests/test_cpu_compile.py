@@ -40,6 +40,18 @@ def eager_hidden(cpu, span, kv, ctx_len):
         cpu.compiled = compiled
 
 
+def test_the_cache_keeps_the_newest_models_packages(tmp_path):
+    from denoiser.cpu_compile import prune_compiled
+
+    for age, name in enumerate(["newest", "newer", "older", "oldest"]):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "spec.json").write_text("{}")
+        os.utime(tmp_path / name, (1_000_000 - age, 1_000_000 - age))
+    (tmp_path / "inductor").mkdir()  # the compiler's own cache, not a model's folder
+    prune_compiled(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inductor", "newer", "newest"]
+
+
 def test_the_setting_and_what_turns_it_off(monkeypatch, tmp_path):
     monkeypatch.delenv("PARAFILL_CPU_COMPILE")
     assert resolve_cpu_compile("off") is False
@@ -69,7 +81,11 @@ def test_compiled_steps_give_the_uncompiled_hidden_states(dtype, compile_cache):
     # Another document's cache has another capacity: the same package serves it.
     wider = filled_kv(model, rows=2, length=40, capacity=192)
     torch.testing.assert_close(model.span_hidden(span, wider, 40), eager_hidden(cpu, span, kv, 40), **tolerance)
-    assert cpu.compiled.ready == {("hidden", 2, 24, torch.get_num_threads())}
+    assert cpu.compiled.ready == {("hidden", 2, torch.get_num_threads())}
+    # Any span length: one package for every span bucket.
+    longer = span_ids(2, 40)
+    torch.testing.assert_close(model.span_hidden(longer, kv, 23), eager_hidden(cpu, longer, kv, 23), **tolerance)
+    assert len(cpu.compiled.ready) == 1
     # Two rows of a larger batch tensor are strided, unlike what was compiled: those run eagerly.
     pooled = KVBuffers(torch.cat([kv.k, kv.k], dim=1), torch.cat([kv.v, kv.v], dim=1))
     assert cpu.compiled.hidden(span, pooled, 40) is None
@@ -84,7 +100,7 @@ def test_a_new_shape_runs_eagerly_until_its_package_is_ready(compile_cache):
     torch.testing.assert_close(model.span_hidden(span, kv, 40), eager_hidden(cpu, span, kv, 40))
     assert cpu.compiled.wait(timeout=600)
     threads = torch.get_num_threads()
-    assert cpu.compiled.ready == {("hidden", 1, 16, threads)} and cpu.compiled.disabled is None
+    assert cpu.compiled.ready == {("hidden", 1, threads)} and cpu.compiled.disabled is None
     compiled = cpu.compiled.hidden(span, kv, 40)
     torch.testing.assert_close(compiled, eager_hidden(cpu, span, kv, 40), atol=1e-4, rtol=1e-4)
     # Compiled loops keep the thread count of their compile: another count is another package.
@@ -92,7 +108,7 @@ def test_a_new_shape_runs_eagerly_until_its_package_is_ready(compile_cache):
     try:
         assert cpu.compiled.hidden(span, kv, 40) is None
         assert cpu.compiled.wait(timeout=600)
-        assert ("hidden", 1, 16, threads + 1) in cpu.compiled.ready
+        assert ("hidden", 1, threads + 1) in cpu.compiled.ready
         torch.testing.assert_close(cpu.compiled.hidden(span, kv, 40), compiled, atol=1e-5, rtol=1e-5)
     finally:
         torch.set_num_threads(threads)
