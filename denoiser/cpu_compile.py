@@ -242,8 +242,22 @@ class CompiledCpuStep:
                 self._worker.start()
 
     def _work(self) -> None:
+        self._load_compiled()
         while (job := self._queue.get()) is not None:
             self._compile(job)
+
+    def _load_compiled(self) -> None:
+        """Load every package an earlier run compiled for these weights: a shape queued behind
+        another's compile would otherwise wait for it."""
+        try:
+            folder = self._folder_of_weights()
+            found = [(_job_of(path.name), path) for path in folder.glob("*.pt2")]
+            for job, path in found:
+                if job is not None and job not in self.ready and (job[0] == "hidden" or self.screened):
+                    self._runners[job] = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+                    self.ready.add(job)
+        except Exception as exc:  # a package that does not load is compiled again when asked for
+            log.info("could not load a compiled CPU step: %s", exc)
 
     def _compile(self, job: tuple) -> None:
         """Load the job's package, compiling it in a child process first if the cache lacks it."""
@@ -262,11 +276,13 @@ class CompiledCpuStep:
         self.ready.add(job)
         log.info("compiled the CPU span step's %s for %s", job[0], ", ".join(map(str, job[1:])))
 
-    def _package(self, job: tuple) -> Path:
+    def _folder_of_weights(self) -> Path:
         if self._folder is None:
             self._folder = _weights_folder(self.model, self.cpu.matmul_dtype, self.screened)
-        name = f"hidden-{job[1]}" if job[0] == "hidden" else "head"
-        return self._folder / f"{name}-t{job[-1]}.pt2"
+        return self._folder
+
+    def _package(self, job: tuple) -> Path:
+        return self._folder_of_weights() / _package_name(job)
 
     def _run_child(self, job: tuple, package: Path) -> None:
         log_path = package.with_suffix(".log")
@@ -277,7 +293,7 @@ class CompiledCpuStep:
             done = subprocess.run(
                 [sys.executable, "-m", "denoiser.cpu_compile", str(package.parent), json.dumps(list(job))],
                 check=False, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                timeout=COMPILE_TIMEOUT_S, preexec_fn=_lowest_priority if os.name == "posix" else None)
+                timeout=COMPILE_TIMEOUT_S)
         if done.returncode != 0 or not package.exists():
             text = log_path.read_text(encoding="utf-8", errors="replace")
             lines = [line for line in text.splitlines() if line.strip()]
@@ -295,8 +311,22 @@ def _rotary_inputs(cpu, rows: int, span: int, ctx_len: int | Tensor) -> tuple[Te
     return lens, cpu.cos[positions].unsqueeze(2), cpu.sin[positions].unsqueeze(2)
 
 
-def _lowest_priority() -> None:
-    os.nice(19)  # the child compiles while a user's completions keep the cores
+def _package_name(job: tuple) -> str:
+    return f"hidden-{job[1]}-t{job[2]}.pt2" if job[0] == "hidden" else f"head-t{job[1]}.pt2"
+
+
+def _job_of(name: str) -> tuple | None:
+    """The job a package file name holds (`_package_name`), None for other files."""
+    stem = name.removesuffix(".pt2")
+    parts = stem.split("-")
+    try:
+        if parts[0] == "hidden" and len(parts) == 3 and parts[2].startswith("t"):
+            return ("hidden", int(parts[1]), int(parts[2][1:]))
+        if parts[0] == "head" and len(parts) == 2 and parts[1].startswith("t"):
+            return ("head", int(parts[1][1:]))
+    except ValueError:
+        pass
+    return None
 
 
 def _weights_folder(model, dtype: torch.dtype, screened: bool) -> Path:
@@ -359,7 +389,6 @@ def _compile_in_this_process(folder: Path, job: tuple) -> None:
         rows = torch.export.Dim("rows", min=2, max=HEAD_ROWS)
         args = (torch.zeros(HEAD_ROWS, config.d_model), torch.zeros(config.vocab_size), model.embed.weight.detach())
         dynamic = ({0: rows}, {}, {})
-        package = folder / f"head-t{job[-1]}.pt2"
     else:
         _, rows, threads = job
         module = _SpanPass(model, cpu, cpu.matmul_dtype).eval()
@@ -369,7 +398,7 @@ def _compile_in_this_process(folder: Path, job: tuple) -> None:
         lens, cos, sin = _rotary_inputs(cpu, rows, 16, 16)
         args = (torch.zeros((rows, 16, config.d_model)), kv, kv.clone(), cos, sin, lens)
         dynamic = ({1: span}, {3: capacity}, {3: capacity}, {1: span}, {1: span}, {})
-        package = folder / f"hidden-{rows}-t{threads}.pt2"
+    package = folder / _package_name(job)
     with torch.no_grad():
         exported = torch.export.export(module, args, dynamic_shapes=dynamic)
         partial = package.with_name(f"{package.stem}.{os.getpid()}.partial.pt2")
@@ -378,4 +407,6 @@ def _compile_in_this_process(folder: Path, job: tuple) -> None:
 
 
 if __name__ == "__main__":
+    if hasattr(os, "nice"):
+        os.nice(19)  # compile while a user's completions keep the cores
     _compile_in_this_process(Path(sys.argv[1]), tuple(json.loads(sys.argv[2])))

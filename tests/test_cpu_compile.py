@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,7 +86,7 @@ def test_compiled_steps_give_the_uncompiled_hidden_states(dtype, compile_cache):
     # Any span length: one package for every span bucket.
     longer = span_ids(2, 40)
     torch.testing.assert_close(model.span_hidden(longer, kv, 23), eager_hidden(cpu, longer, kv, 23), **tolerance)
-    assert len(cpu.compiled.ready) == 1
+    assert cpu.compiled.ready == {("hidden", 2, torch.get_num_threads())}
     # Two rows of a larger batch tensor are strided, unlike what was compiled: those run eagerly.
     pooled = KVBuffers(torch.cat([kv.k, kv.k], dim=1), torch.cat([kv.v, kv.v], dim=1))
     assert cpu.compiled.hidden(span, pooled, 40) is None
@@ -100,7 +101,7 @@ def test_a_new_shape_runs_eagerly_until_its_package_is_ready(compile_cache):
     torch.testing.assert_close(model.span_hidden(span, kv, 40), eager_hidden(cpu, span, kv, 40))
     assert cpu.compiled.wait(timeout=600)
     threads = torch.get_num_threads()
-    assert cpu.compiled.ready == {("hidden", 1, threads)} and cpu.compiled.disabled is None
+    assert ("hidden", 1, threads) in cpu.compiled.ready and cpu.compiled.disabled is None
     compiled = cpu.compiled.hidden(span, kv, 40)
     torch.testing.assert_close(compiled, eager_hidden(cpu, span, kv, 40), atol=1e-4, rtol=1e-4)
     # Compiled loops keep the thread count of their compile: another count is another package.
@@ -112,9 +113,13 @@ def test_a_new_shape_runs_eagerly_until_its_package_is_ready(compile_cache):
         torch.testing.assert_close(cpu.compiled.hidden(span, kv, 40), compiled, atol=1e-5, rtol=1e-5)
     finally:
         torch.set_num_threads(threads)
-    # The next start (the same weights) finds the packages: nothing to compile.
+    # The next start (the same weights) loads every package compiled before at its first request,
+    # with no child process: a shape never waits behind another's compile.
     again = make_model().prepare_cpu_inference(torch.float32, screen_head=False, compiled=True)
-    assert again.compiled.compile_now(1, 16)
+    started = time.monotonic()
+    assert again.compiled.hidden(span, kv, 40) is None
+    assert again.compiled.wait(timeout=600) and time.monotonic() - started < 20
+    assert {("hidden", 1, threads), ("hidden", 1, threads + 1)} <= again.compiled.ready
     assert not list(compile_cache.rglob("*.log"))  # a compile's log is kept only when it failed
 
 

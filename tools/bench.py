@@ -224,6 +224,26 @@ def timed(fn, device, reps: int) -> float:
     return statistics.median(times)
 
 
+def timed_compiled_and_not(fn, backend, reps: int, rounds: int = 5) -> tuple[float, float]:
+    """Median seconds of fn() with the backend's compiled CPU steps and without them, timed in
+    alternating rounds so that a shared machine's slower spells weigh on both alike."""
+    cpu = backend.model.cpu_inference
+    compiled = cpu.compiled
+    times: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for _ in range(rounds):
+            for use in (True, False):
+                cpu.compiled = compiled if use else None
+                fn()
+                for _ in range(max(1, reps // rounds)):
+                    started = time.perf_counter()
+                    fn()
+                    times[use].append(time.perf_counter() - started)
+    finally:
+        cpu.compiled = compiled
+    return statistics.median(times[True]), statistics.median(times[False])
+
+
 def random_context(backend, length: int, seed: int = 0) -> list[int]:
     import torch
 
@@ -307,7 +327,12 @@ def bench_denoiser(backend, plan: Plan, bandwidth_gbps: float, rates: dict[str, 
     for span_len in plan.spans:
         for batch in plan.batches:
             step, _, compiled = step_timer(backend, ctx, span_len, batch)
-            seconds = timed(step, backend.device, plan.step_reps)
+            uncompiled = {}
+            if compiled:  # and what compiling buys, from the same stretch of time
+                seconds, plain = timed_compiled_and_not(step, backend, 2 * plan.step_reps)
+                uncompiled = {"step_ms_uncompiled": round(plain * 1000, 4)}
+            else:
+                seconds = timed(step, backend.device, plan.step_reps)
             read = weights + batch * kv_bytes(config, ctx, element)
             parts = span_step_flop_parts(config, batch, ctx, span_len)
             flops = sum(parts.values())
@@ -319,7 +344,7 @@ def bench_denoiser(backend, plan: Plan, bandwidth_gbps: float, rates: dict[str, 
                                   f"x_bound_{model_dtype}": round(seconds / bound_model, 2)}
             rows.append({
                 "span": span_len, "batch": batch, "context": ctx, "compiled": compiled,
-                "step_ms": round(seconds * 1000, 4),
+                "step_ms": round(seconds * 1000, 4), **uncompiled,
                 # The step's arithmetic, the time it takes at the measured matmul rates, how far off that it is.
                 "gflop": round(flops / 1e9, 4), "bound_ms": round(bound * 1000, 4), "x_bound": round(seconds / bound, 2),
                 **at_model_dtype,
@@ -759,7 +784,9 @@ def run(model_dir: Path, args: argparse.Namespace, plan: Plan) -> dict:
                               for key in row if key.startswith("x_bound_"))
         print(f"step span {row['span']:>3} batch {row['batch']:>2} context {row['context']}: {row['step_ms']:.2f} ms, "
               f"{row['gflop']:.3f} GFLOP, {row['bound_ms']:.2f} ms with {at} "
-              f"({row['x_bound']:.1f}x the bound{model_bound})", file=sys.stderr)
+              f"({row['x_bound']:.1f}x the bound{model_bound})"
+              + (f"; uncompiled {row['step_ms_uncompiled']:.2f} ms" if "step_ms_uncompiled" in row else ""),
+              file=sys.stderr)
     report["autoregressive"] = bench_autoregressive(backend, plan)
     report["real_fills"] = real_fills(backend, plan)
     report["context_scaling"] = bench_context_scaling(backend, plan)
