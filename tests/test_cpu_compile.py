@@ -18,6 +18,8 @@ from denoiser.native_backend import NativeBackend
 from tests.test_model_cpu_inference import BANNED, VOCAB, filled_kv, make_model, span_ids
 
 REPO = Path(__file__).resolve().parents[1]
+# Compiling needs a C++ compiler, as it does on a user's machine.
+needs_compiler = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,7 @@ def test_the_setting_and_what_turns_it_off(monkeypatch, tmp_path):
     assert resolve_cpu_compile("auto") is False
 
 
+@needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_compiled_steps_give_the_uncompiled_hidden_states(dtype, compile_cache):
     model = make_model()
@@ -92,6 +95,7 @@ def test_compiled_steps_give_the_uncompiled_hidden_states(dtype, compile_cache):
     assert cpu.compiled.hidden(span, pooled, 40) is None
 
 
+@needs_compiler
 def test_a_new_shape_runs_eagerly_until_its_package_is_ready(compile_cache):
     model = make_model()
     kv = filled_kv(model)
@@ -123,6 +127,7 @@ def test_a_new_shape_runs_eagerly_until_its_package_is_ready(compile_cache):
     assert not list(compile_cache.rglob("*.log"))  # a compile's log is kept only when it failed
 
 
+@needs_compiler
 def test_two_models_of_one_shape_keep_their_own_weights(compile_cache):
     first, second = make_model(0), make_model(1)
     kv = filled_kv(first)
@@ -136,6 +141,7 @@ def test_two_models_of_one_shape_keep_their_own_weights(compile_cache):
                                    atol=1e-4, rtol=1e-4)
 
 
+@needs_compiler
 def test_the_compiled_head_picks_the_eager_heads_tokens(compile_cache):
     model = make_model(3, scale=2.0)  # near-ties, as the eager screen's own test
     cpu = model.prepare_cpu_inference(torch.bfloat16, screen_head=True, compiled=True)
@@ -185,6 +191,7 @@ def test_a_compiler_failure_leaves_the_eager_pass_serving(tmp_path):
     assert list(tmp_path.rglob("*.log"))  # the failed compile's log stays for a look
 
 
+@needs_compiler
 def test_a_cpu_backend_compiles_what_it_serves(parafill_tiny_model, compile_cache):
     from denoiser.backend import DecodeSettings
     from fim.request import FimRequest, SpanPlan
