@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from denoiser.cpu_compile import unavailable_reason
 from tools.soak import REPO, session
 
 # --- 1. safetensors only -------------------------------------------------------------------
@@ -116,6 +117,8 @@ def hook(event, args):
             _note("write", path)
         elif not path.startswith(ALLOWED_READ):
             _note("read", path)
+    elif event == "subprocess.Popen":
+        _note("process", json.dumps([os.fsdecode(a) for a in args[1]])[:400])
     elif event == "socket.__new__":
         family = args[1]
         if family != socket.AF_UNIX:
@@ -150,7 +153,8 @@ def _allowed_reads(model_dir: Path, log_file: Path) -> list[str]:
     return sorted(str(Path(r).resolve()) + ("/" if r.endswith("/") else "") for r in roots)
 
 
-def _audited_session(tmp_path: Path, model_dir: Path, *, verbose: bool, drafts: bool = False):
+def _audited_session(tmp_path: Path, model_dir: Path, *, verbose: bool, drafts: bool = False,
+                     env: dict | None = None):
     workspace = tmp_path / "workspace"
     (workspace / "src").mkdir(parents=True)
     (workspace / "src" / "app.py").write_text("def on_disk():\n    return 'the disk copy'\n")
@@ -167,7 +171,7 @@ def _audited_session(tmp_path: Path, model_dir: Path, *, verbose: bool, drafts: 
     # Drafts off: this session proves that nothing of the workspace is read unless drafts are on.
     settings = {"verboseLogging": verbose, "repoDrafts": drafts}
     return workspace, log_file, record, session(model_dir, server_argv=argv, settings=settings, work_dir=workspace,
-                                                root_uri=workspace.as_uri())
+                                                root_uri=workspace.as_uri(), env=env)
 
 
 def _drive(current, workspace: Path, marker: str) -> None:
@@ -206,6 +210,31 @@ def _drive(current, workspace: Path, marker: str) -> None:
     soak.collect(wait=True)
 
 
+@pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+def test_with_compiled_steps_the_server_writes_only_into_its_cache(parafill_tiny_model, tmp_path):
+    """Where CPU steps compile, the server also writes into your cache's `compiled` folder and
+    starts one kind of process there: `python -m denoiser.cpu_compile`; still no network."""
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PARAFILL_CPU_COMPILE": "auto", "PARAFILL_CACHE": str(cache)}
+    workspace, log_file, record, running = _audited_session(tmp_path, parafill_tiny_model, verbose=False, env=env)
+    before = _snapshot(workspace)
+    with running as current:
+        assert current.status.get("state") == "ready", current.status
+        _drive(current, workspace, f"PARAFILL_MARKER_{uuid.uuid4().hex}")
+    assert current.soak.state.failures == [], current.soak.state.failures
+    events = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [e for e in events if e["kind"] in ("socket", "network")] == []
+    writes = {e["detail"] for e in events if e["kind"] == "write"}
+    compiled = str((cache / "compiled").resolve())
+    # os.devnull: the child's standard input.
+    assert {w for w in writes - {str(log_file), os.devnull} if not w.startswith(compiled + os.sep)} == set(), writes
+    assert any(w.endswith("spec.json") for w in writes), "the first completion did not queue a compile"
+    for event in (e for e in events if e["kind"] == "process"):
+        argv = json.loads(event["detail"])
+        assert argv[1:3] == ["-m", "denoiser.cpu_compile"] and argv[3].startswith(compiled), argv
+    assert _snapshot(workspace) == before, "a workspace file changed"
+
+
 def test_full_session_no_network_reads_only_what_it_was_given_writes_nothing(parafill_tiny_model, tmp_path):
     marker = f"PARAFILL_MARKER_{uuid.uuid4().hex}"
     workspace, log_file, record, running = _audited_session(tmp_path, parafill_tiny_model, verbose=False)
@@ -227,6 +256,7 @@ def test_full_session_no_network_reads_only_what_it_was_given_writes_nothing(par
     assert reads == [], f"the server read files outside the model, its log and Python itself: {reads[:20]}"
     writes = sorted({e["detail"] for e in events if e["kind"] == "write"})
     assert set(writes) <= {str(log_file)}, f"the server wrote files other than its log: {writes}"
+    assert [e for e in events if e["kind"] == "process"] == [], "the server started a process"
     assert _snapshot(workspace) == before, "a workspace file changed"
     # 5. Logs: the source text (and the marker inside it) never reaches the log.
     log_text = log_file.read_text(errors="replace")

@@ -90,7 +90,8 @@ def exact_line(model, tokenizer_json: Path, cuts) -> float:
     threads = torch.get_num_threads()  # loading a backend picks the server's thread count; training keeps its own
     with tempfile.TemporaryDirectory(prefix="parafill-adapt-") as scratch:
         save_native_model(model, tokenizer_json, Path(scratch), int8=True, card="# candidate\n")
-        engine = Engine(NativeBackend(scratch, device="cpu"))
+        # A candidate checked once: compiling its steps would cost far more than it saves.
+        engine = Engine(NativeBackend(scratch, device="cpu", cpu_compile="off"))
         settings = Settings(min_confidence=0.0)
         right = 0
         for i, (path, language, document, line, character, expected) in enumerate(cuts):

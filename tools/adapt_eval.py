@@ -110,7 +110,8 @@ def complete_tasks(model_dir: Path, tasks: list[Task], package: str, label: str,
     from denoiser.native_backend import NativeBackend
     from tools.draft_eval import workspace_index
 
-    backend = NativeBackend(model_dir, device="cpu")
+    # Each budget's weights are scored once, beside training: no steps compiled for them.
+    backend = NativeBackend(model_dir, device="cpu", cpu_compile="off")
     backend.set_cpu_threads(1)
     engine = Engine(backend)
     index = workspace_index(package, workspace) if workspace is not None else None
