@@ -287,8 +287,11 @@ class CompiledCpuStep:
     def _run_child(self, job: tuple, package: Path) -> None:
         log_path = package.with_suffix(".log")
         root = str(Path(__file__).resolve().parents[1])
+        scratch = package.parent.parent / "tmp"  # the compiler's temporary files stay in the cache too
+        scratch.mkdir(exist_ok=True)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-               "TORCHINDUCTOR_CACHE_DIR": str(package.parent.parent / "inductor"), "PARAFILL_CPU_COMPILE": "off"}
+               "TORCHINDUCTOR_CACHE_DIR": str(package.parent.parent / "inductor"), "TMPDIR": str(scratch),
+               "PARAFILL_CPU_COMPILE": "off"}
         with open(log_path, "w", encoding="utf-8") as log_file:
             done = subprocess.run(
                 [sys.executable, "-m", "denoiser.cpu_compile", str(package.parent), json.dumps(list(job))],
