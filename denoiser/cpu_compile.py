@@ -26,6 +26,7 @@ benchmarks and tests).
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -56,6 +57,10 @@ INDUCTOR_OPTIONS = {"freezing": True, "compile_threads": 1}
 # Bumped when what a package holds changes: packages of another format are compiled again.
 PACKAGE_FORMAT = 1
 COMPILE_TIMEOUT_S = 900
+# Held while a worker writes the weights' folder or loads a package (milliseconds): the process's
+# exit waits for it rather than tear torch down under a loader (an abort at exit).
+_WRITING_OR_LOADING = threading.Lock()
+atexit.register(lambda: _WRITING_OR_LOADING.acquire(timeout=10))
 # Models whose packages the cache keeps (about 30 MB each): the base model and a few adapted ones.
 KEPT_MODELS = 6
 
@@ -250,12 +255,13 @@ class CompiledCpuStep:
         """Load every package an earlier run compiled for these weights: a shape queued behind
         another's compile would otherwise wait for it."""
         try:
-            folder = self._folder_of_weights()
-            found = [(_job_of(path.name), path) for path in folder.glob("*.pt2")]
-            for job, path in found:
-                if job is not None and job not in self.ready and (job[0] == "hidden" or self.screened):
-                    self._runners[job] = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
-                    self.ready.add(job)
+            with _WRITING_OR_LOADING:
+                folder = self._folder_of_weights()
+                found = [(_job_of(path.name), path) for path in folder.glob("*.pt2")]
+                for job, path in found:
+                    if job is not None and job not in self.ready and (job[0] == "hidden" or self.screened):
+                        self._runners[job] = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+                        self.ready.add(job)
         except Exception as exc:  # a package that does not load is compiled again when asked for
             log.info("could not load a compiled CPU step: %s", exc)
 
@@ -264,10 +270,12 @@ class CompiledCpuStep:
         if self.disabled or job in self.ready:
             return
         try:
-            package = self._package(job)
+            with _WRITING_OR_LOADING:
+                package = self._package(job)
             if not package.exists():
                 self._run_child(job, package)
-            runner = torch._C._aoti.AOTIModelPackageLoader(str(package), "model", False, 1, -1)
+            with _WRITING_OR_LOADING:
+                runner = torch._C._aoti.AOTIModelPackageLoader(str(package), "model", False, 1, -1)
         except Exception as exc:  # never lose an answer to a compiler problem: eager serves on
             self.disabled = f"{type(exc).__name__}: {exc}".strip().splitlines()[-1][:300]
             log.warning("compiling the CPU span step failed, it runs uncompiled from now on: %s", self.disabled)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -180,6 +181,9 @@ def run_complete(args: argparse.Namespace) -> int:
     from lsp_server.source_file import UnreadableSource, read_source
     from lsp_server.suggest import suggest
 
+    # One completion, then the process ends: compiling steps for a server's later requests would
+    # outlive it (set PARAFILL_CPU_COMPILE=auto to compile anyway, for the next start).
+    os.environ.setdefault("PARAFILL_CPU_COMPILE", "off")
     path, line_no, col_no = parse_location(args.location)
     try:
         source = read_source(path)

@@ -189,3 +189,13 @@ def test_missing_file(tmp_path):
     run = parafill("complete", f"{tmp_path / 'absent.py'}:1:1")
     assert run.returncode == 2
     assert "absent.py: cannot read the file" in run.stderr
+
+
+def test_complete_leaves_nothing_compiling_behind(source_file, parafill_tiny_model, tmp_path):
+    # One completion, then the command ends: it starts no compiler for a server's later requests.
+    env = {key: value for key, value in ENV.items() if key != "PARAFILL_CPU_COMPILE"}
+    run = subprocess.run([sys.executable, "-m", "lsp_server", "complete", f"{source_file}:6:16", "--model",
+                          str(parafill_tiny_model), "--device", "cpu", "--steps", "4"], capture_output=True, text=True,
+                         env={**env, "PARAFILL_CACHE": str(tmp_path / "cache")}, cwd=REPO, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    assert not (tmp_path / "cache" / "compiled").exists()
