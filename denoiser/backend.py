@@ -5,6 +5,7 @@ not cache completions, time requests or talk to the editor (the engine does).
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
@@ -104,3 +105,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
         why = "this torch is built without CUDA" if torch.version.cuda is None else "torch finds no CUDA GPU"
         raise ModelLoadError(f"device {device!r}: no CUDA device is available ({why})", setting="device")
     return resolved
+
+
+def setting_choice(value: str | None, variable: str, choices: tuple[str, ...], what: str) -> str:
+    """`value`, else the environment's `variable`, else choices[0]: one of `choices`, lower case;
+    anything else is an error naming the variable to check."""
+    raw = value if value is not None else os.environ.get(variable, choices[0])
+    chosen = raw.strip().lower()
+    if chosen not in choices:
+        raise ValueError(f"{what} {raw!r} is not one of {', '.join(choices)} (check {variable})")
+    return chosen

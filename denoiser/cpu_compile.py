@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from denoiser.backend import setting_choice
 from denoiser.model import HEAD_CANDIDATES, HEAD_ROWS, LOG2_E, top_ids
 from kernels.span_attention import span_attention_cpu
 
@@ -88,12 +89,7 @@ def _(q, k_cache, v_cache, k_span, v_span, ctx_len):
 def resolve_cpu_compile(setting: str | None = None) -> bool:
     """Whether CPU span steps compile: `setting`, else PARAFILL_CPU_COMPILE, else "auto"
     (on where `unavailable_reason` finds nothing missing)."""
-    raw = setting if setting is not None else os.environ.get("PARAFILL_CPU_COMPILE", "auto")
-    value = raw.strip().lower()
-    if value not in SETTINGS:
-        raise ValueError(f"CPU compile setting {raw!r} is not one of {', '.join(SETTINGS)} "
-                         "(check PARAFILL_CPU_COMPILE)")
-    if value == "off":
+    if setting_choice(setting, "PARAFILL_CPU_COMPILE", SETTINGS, "CPU compile setting") == "off":
         return False
     reason = unavailable_reason()
     if reason:
@@ -218,9 +214,9 @@ class CompiledCpuStep:
         token, confidence = runner.run([x, bias, self.cpu.embed])
         return token, confidence
 
-    def compile_now(self, rows: int, span: int) -> bool:
-        """Compile (or load) the pass for `rows` and the head on this thread, for its thread count
-        (benchmarks, tests); True once both are ready. (`span`: the span lengths are dynamic.)"""
+    def compile_now(self, rows: int) -> bool:
+        """Compile (or load) the pass for `rows` (any span length) and the head on this thread, for
+        its thread count (benchmarks, tests); True once both are ready."""
         threads = torch.get_num_threads()
         jobs = [("hidden", rows, threads)] + ([("head", threads)] if self.screened else [])
         for job in jobs:

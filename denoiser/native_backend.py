@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from denoiser.backend import Cancelled, DecodeSettings, FillResult, resolve_device
+from denoiser.backend import Cancelled, DecodeSettings, FillResult, resolve_device, setting_choice
 from denoiser.batching import DEFAULT_MAX_BATCH, SpanBatcher
 from denoiser.checkpoint import load_native_model
 from denoiser.context_layout import context_ids
@@ -145,11 +145,7 @@ def resolve_cpu_precision(precision: str | None = None) -> str:
     natively (`cpu_has_native_bf16`), fp32 elsewhere; "reference": the kernels' torch
     references op by op (slowest; for comparison).
     """
-    raw = precision if precision is not None else os.environ.get("PARAFILL_CPU_PRECISION", "auto")
-    value = raw.strip().lower()
-    if value not in CPU_PRECISIONS:
-        raise ValueError(f"CPU precision {raw!r} is not one of {', '.join(CPU_PRECISIONS)} "
-                         "(check PARAFILL_CPU_PRECISION)")
+    value = setting_choice(precision, "PARAFILL_CPU_PRECISION", CPU_PRECISIONS, "CPU precision")
     if value == "auto":
         return "bf16" if cpu_has_native_bf16() else "fp32"
     return value

@@ -77,7 +77,7 @@ def test_compiled_steps_give_the_uncompiled_hidden_states(dtype, compile_cache):
     kv = filled_kv(model, rows=2, length=40, capacity=64)
     cpu = model.prepare_cpu_inference(dtype, screen_head=False, compiled=True)
     span = span_ids(2, 24)
-    assert cpu.compiled.compile_now(2, 24), cpu.compiled.disabled
+    assert cpu.compiled.compile_now(2), cpu.compiled.disabled
     tolerance = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.15, "rtol": 0.05}
     for ctx_len in (40, 17, torch.tensor([40, 23])):
         got = model.span_hidden(span, kv, ctx_len)
@@ -134,7 +134,7 @@ def test_two_models_of_one_shape_keep_their_own_weights(compile_cache):
     span = span_ids(1, 12)
     for model in (first, second):
         cpu = model.prepare_cpu_inference(torch.float32, screen_head=False, compiled=True)
-        assert cpu.compiled.compile_now(1, 12), cpu.compiled.disabled
+        assert cpu.compiled.compile_now(1), cpu.compiled.disabled
     for model in (first, second):
         cpu = model.cpu_inference
         torch.testing.assert_close(cpu.compiled.hidden(span, kv, 40), eager_hidden(cpu, span, kv, 40),
@@ -145,7 +145,7 @@ def test_two_models_of_one_shape_keep_their_own_weights(compile_cache):
 def test_the_compiled_head_picks_the_eager_heads_tokens(compile_cache):
     model = make_model(3, scale=2.0)  # near-ties, as the eager screen's own test
     cpu = model.prepare_cpu_inference(torch.bfloat16, screen_head=True, compiled=True)
-    assert cpu.compiled.compile_now(1, 8), cpu.compiled.disabled
+    assert cpu.compiled.compile_now(1), cpu.compiled.disabled
     bias = cpu._bias(VOCAB, BANNED, 90)
     g = torch.Generator().manual_seed(11)
     for rows in (2, 7, 32):
@@ -169,7 +169,7 @@ model = make_model(5)
 kv = filled_kv(model)
 cpu = model.prepare_cpu_inference(torch.float32, screen_head=False, compiled=True)
 span = span_ids(1, 20)
-compiled = cpu.compiled.compile_now(1, 20)
+compiled = cpu.compiled.compile_now(1)
 queued = cpu.compiled.hidden(span, kv, 40)
 finished = cpu.compiled.wait(timeout=5)
 same = torch.equal(model.span_hidden(span, kv, 40), eager_hidden(cpu, span, kv, 40))

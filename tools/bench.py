@@ -284,7 +284,7 @@ def step_timer(backend, context_len: int, span_len: int, batch: int):
     if not isinstance(runner, EagerStep) and not runner.pooled_when_alone:
         runner = EagerStep()
     compiled = getattr(getattr(model, "cpu_inference", None), "compiled", None)
-    compiled = compiled is not None and compiled.compile_now(batch, span_len)
+    compiled = compiled is not None and compiled.compile_now(batch)
 
     def step():
         state.masked.fill_(True)
