@@ -3,12 +3,13 @@
 Reads the repository's code as a user would expect (`fim.repo_files`: its
 .gitignore honoured; vendored, generated, minified, binary and huge files
 skipped), keeps a fifth of its files aside, and trains a copy of the base
-model on the rest (`training.adapt`). Every so often it measures the held-out
-files' rest-of-line exact match through the server's own suggestion path
-(`lsp_server.suggest`, gate off) and keeps the best weights; it stops early when
-that stops improving. The result goes to the user's cache (`denoiser.adapted`),
-never into the repository, and only when it beats the base model there.
-Nothing is sent anywhere.
+model on the rest (`training.adapt`). Every so often it scores the held-out
+files' training loss, keeps the weights where it was lowest, and stops early
+when it stops falling. Then it completes rest-of-line cuts of the held-out files
+through the server's own suggestion path (`lsp_server.suggest`, gate off) with
+the base model and with the kept weights: the adapted copy goes to the user's
+cache (`denoiser.adapted`), never into the repository, and only when it
+completes more of them exactly. Nothing is sent anywhere.
 """
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="base model directory (default: the embedded model)")
     p.add_argument("--remove", action="store_true", help="forget the adapted model of REPO_DIR")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: every core)")
-    p.add_argument("--checks", type=int, default=60, help="held-out rest-of-line cuts measured (default 60)")
-    p.add_argument("--check-every", type=float, default=1.0, help="minutes between held-out checks (default 1)")
+    p.add_argument("--checks", type=int, default=200,
+                   help="held-out rest-of-line cuts completed before and after (default 200)")
+    p.add_argument("--check-every", type=float, default=1.0, help="minutes between held-out loss checks (default 1)")
     p.add_argument("--patience", type=int, default=3, help="checks without improvement before stopping early")
     p.add_argument("--lr", type=float, default=3e-4, help="learning rate (default 3e-4)")
     p.add_argument("--seed", type=int, default=0)
@@ -108,7 +110,8 @@ def card(base: str, repo: Path, report: dict) -> str:
             f"{report['train_files']} files of `{repo}` on this machine ({report['steps']} steps, "
             f"{report['tokens'] / 1e6:.2f}M tokens). Rest-of-line exact match on {report['checks']} cuts of "
             f"{report['held_out_files']} held-out files of the repository: {100 * report['before']:.1f}% before, "
-            f"{100 * report['after']:.1f}% after. Used only for documents under that folder; the base model's "
+            f"{100 * report['after']:.1f}% after (training loss on those files {report['loss_before']:.3f} before, "
+            f"{report['loss_after']:.3f} after). Used only for documents under that folder; the base model's "
             f"card describes its data and licences.\n")
 
 
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     from denoiser.loading import default_model_dir, read_model_config
     from denoiser.tokenizer import CodeTokenizer
     from fim.repo_files import iter_repo_files
-    from training.adapt import Adapter
+    from training.adapt import Adapter, held_out_batches
     from training.export import save_native_model
 
     base_dir = Path(args.model).expanduser() if args.model else default_model_dir()
@@ -150,39 +153,48 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     model, _, config = load_native_model(base_dir, torch.device("cpu"))
     tokenizer = base_dir / TOKENIZER
+    codec = CodeTokenizer.load(tokenizer)
     cuts = held_out_cuts(held, args.checks, args.seed)
-    print(f"{repo}: {len(train)} files to learn from, {len(held)} held out ({len(cuts)} rest-of-line checks)",
+    print(f"{repo}: {len(train)} files to learn from, {len(held)} held out ({len(cuts)} rest-of-line cuts)",
           file=sys.stderr)
     before = exact_line(model, tokenizer, cuts)
-    best, best_state, misses = before, None, 0
     print(f"held-out exact line before: {100 * before:.1f}%", file=sys.stderr)
-    adapter = Adapter(model, CodeTokenizer.load(tokenizer), [(f.path, f.language, f.text) for f in train],
-                      lr=args.lr, seed=args.seed)
+    adapter = Adapter(model, codec, [(f.path, f.language, f.text) for f in train], lr=args.lr, seed=args.seed)
+    batches = held_out_batches([(f.path, f.language, f.text) for f in held], codec, config.context_tokens)
+    before_loss = adapter.held_out_loss(batches)
+    best_loss, best_state, misses = before_loss, None, 0
+    print(f"held-out loss before: {before_loss:.3f}", file=sys.stderr)
     started = time.monotonic()
     budget = args.minutes * 60
     while time.monotonic() - started < budget and misses < args.patience:
         slice_s = min(args.check_every * 60, budget - (time.monotonic() - started))
         loss = adapter.train_for(max(1.0, slice_s))
-        score = exact_line(model, tokenizer, cuts)
+        held_loss = adapter.held_out_loss(batches)
         elapsed = (time.monotonic() - started) / 60
-        improved = score > best
-        if improved:
-            best, best_state, misses = score, {k: v.detach().clone() for k, v in model.state_dict().items()}, 0
+        if held_loss < best_loss:
+            best_loss, best_state, misses = held_loss, {k: v.detach().clone() for k, v in model.state_dict().items()}, 0
         else:
             misses += 1
         done = min(1.0, elapsed * 60 / budget)
         print(f"[{'#' * int(30 * done):<30}] {elapsed:4.1f}/{args.minutes:g} min  step {adapter.steps}  "
-              f"loss {loss:.3f}  held-out exact line {100 * score:.1f}% (best {100 * best:.1f}%)", file=sys.stderr)
-    report = {"repository": str(repo), "base_model": str(base_dir), "before": before, "after": best,
-              "checks": len(cuts), "train_files": len(train), "held_out_files": len(held), "steps": adapter.steps,
+              f"loss {loss:.3f}  held-out loss {held_loss:.3f} (best {best_loss:.3f})", file=sys.stderr)
+    candidate = None  # the kept weights' held-out exact line
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        candidate = exact_line(model, tokenizer, cuts)
+    kept = "adapted" if candidate is not None and candidate > before else "base"
+    report = {"repository": str(repo), "base_model": str(base_dir), "before": before,
+              "after": candidate if kept == "adapted" else before, "candidate": candidate,
+              "loss_before": round(before_loss, 4), "loss_after": round(best_loss, 4), "checks": len(cuts),
+              "train_files": len(train), "held_out_files": len(held), "steps": adapter.steps,
               "tokens": adapter.tokens, "minutes": (time.monotonic() - started) / 60,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    if best_state is None:
-        print(f"kept the base model: adapting did not raise the held-out exact line ({100 * before:.1f}%)",
-              file=sys.stderr)
+    if kept == "base":
+        why = ("did not lower the held-out loss" if candidate is None else
+               f"lowered the held-out loss but completed no more cuts exactly ({100 * candidate:.1f}%)")
+        print(f"kept the base model: adapting {why}; held-out exact line {100 * before:.1f}%", file=sys.stderr)
         print(json.dumps({**report, "kept": "base"}))
         return 0
-    model.load_state_dict(best_state)
     out = Path(args.out).expanduser() if args.out else adapted_dir(repo)
     out.mkdir(parents=True, exist_ok=True)
     save_native_model(model, tokenizer, out, int8=True, card=card(base_dir.name, repo, report))
@@ -190,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     if calibration is not None:  # drafts are trusted as with the base model (fitted on code neither saw)
         calibration.save(out)
     (out / RECORD).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"held-out exact line {100 * before:.1f}% → {100 * best:.1f}%; adapted model in {out}", file=sys.stderr)
+    print(f"held-out exact line {100 * before:.1f}% → {100 * candidate:.1f}%; adapted model in {out}",
+          file=sys.stderr)
     print(json.dumps({**report, "kept": "adapted", "model": str(out)}))
     return 0
 
