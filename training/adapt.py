@@ -18,19 +18,15 @@ import torch
 
 from training.loop import TrainSettings, collate, optimizer_step, validate
 from training.step import resolve_precision
-from training.train_data import SPAN_CHOICES, ExampleStream, fit_span
+from training.train_data import SPAN_CHOICES, ExampleStream, fit_span, fixed_batches
 
 
 def held_out_batches(files: list[tuple[str, str, str]], tokenizer, context_tokens: int, *, batches: int = 24,
                      batch_size: int = 8, seed: int = 999) -> list[tuple[list, int]]:
     """Fixed (examples, span) batches cut from `files` as training cuts them: the same ones at every check."""
-    stream = ExampleStream(files, tokenizer, context_tokens, seed)
     spans = random.Random(seed)
-    out = []
-    for _ in range(batches):
-        span = spans.choice(SPAN_CHOICES)
-        out.append(([fit_span(e, span) for e in stream.batch(batch_size)], span))
-    return out
+    return fixed_batches(ExampleStream(files, tokenizer, context_tokens, seed), batch_size,
+                         [spans.choice(SPAN_CHOICES) for _ in range(batches)])
 
 
 class Adapter:

@@ -35,7 +35,7 @@ from training.examples import TokenExample
 from training.export import save_native_model
 from training.grow import load_grown
 from training.step import autocast, compiled, resolve_precision, step_flops
-from training.train_data import SPAN_CHOICES, ExampleStream, PrefetchStream, fit_span, read_corpus
+from training.train_data import SPAN_CHOICES, ExampleStream, PrefetchStream, fit_span, fixed_batches, read_corpus
 
 
 @dataclass(frozen=True)
@@ -259,8 +259,7 @@ def run(args) -> None:
         local = ExampleStream(train_files, tokenizer, settings.context_tokens, seed)
         next_batch = lambda: local.batch(settings.batch_size)  # noqa: E731
     valid_stream = ExampleStream(valid_files, tokenizer, settings.context_tokens, seed=999)
-    valid_batches = [([fit_span(e, span) for e in valid_stream.batch(settings.batch_size)], span)
-                     for span in (16, 32, 64) for _ in range(2)]
+    valid_batches = fixed_batches(valid_stream, settings.batch_size, [span for span in (16, 32, 64) for _ in range(2)])
     noise = torch.Generator().manual_seed(step + 17)
     log = open(out / "log.jsonl", "a", encoding="utf-8")
     start, start_tokens, flops = time.monotonic(), tokens, 0.0

@@ -47,6 +47,11 @@ def fit_span(example: TokenExample, span: int) -> TokenExample:
     return TokenExample(example.context, example.middle[: span - 1], example.kind)
 
 
+def fixed_batches(stream: "ExampleStream", batch_size: int, spans) -> list[tuple[list[TokenExample], int]]:
+    """(examples, span) batches cut once, one per span in `spans`: the same examples at every check."""
+    return [([fit_span(e, span) for e in stream.batch(batch_size)], span) for span in spans]
+
+
 class ExampleStream:
     """Endless deterministic stream of tokenized examples from a corpus, for spans up to MAX_SPAN."""
 
